@@ -1,0 +1,94 @@
+"""The dynamic-rank LoRA layer: h = W0 x + (alpha/b) B[:, :b] A[:b] dropout(x)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.qdylora.config import lora_scale
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    # bitsandbytes is optional at import time: check by class name first so that
+    # this module imports on machines without it.
+    if type(module).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4"):
+        return False
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bnb missing means no 4-bit layers exist
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_adaptable_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_linear4bit(module)
+
+
+class DynamicRankLoRALinear(nn.Module):
+    """Wraps a frozen linear (float or bitsandbytes 4-bit) with a rank-truncatable adapter.
+
+    The active rank is a plain int attribute: switching rank changes a number, never weights.
+    """
+
+    def __init__(self, base: nn.Module, r_max: int, alpha: float, dropout: float = 0.0, update: str = "full"):
+        super().__init__()
+        if not is_adaptable_linear(base):
+            raise TypeError(f"can only adapt nn.Linear or bnb Linear4bit, got {type(base).__name__}")
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r_max = r_max
+        self.alpha = alpha
+        self.update = update
+        self.active_rank = r_max
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        # Adapters stay float32 even over a bf16/NF4 base: they are small and are what learns.
+        self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, device=device, dtype=torch.float32))
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        # As LoRA: A Kaiming-uniform, B zero, so the wrapped model starts equal to the base.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A[:b] and B[:, :b] for the active rank, with rows that must not learn detached."""
+        b = self.active_rank
+        a, bm = self.lora_A[:b], self.lora_B[:, :b]
+        if self.update == "frozen" and self.training and b > 1:
+            a = torch.cat([a[: b - 1].detach(), a[b - 1 :]], dim=0)
+            bm = torch.cat([bm[:, : b - 1].detach(), bm[:, b - 1 :]], dim=1)
+        return a, bm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        b = self.active_rank
+        if b == 0:
+            return result
+        a, bm = self.active_factors()
+        h = self.dropout(x.to(a.dtype))
+        delta = F.linear(F.linear(h, a), bm) * lora_scale(self.alpha, b)
+        return result + delta.to(result.dtype)
+
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        """(alpha/b) B[:, :b] A[:b]: what merging adds to W0, in float32."""
+        b = self.active_rank if rank is None else rank
+        if b == 0:
+            return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
+        return (self.lora_B[:, :b] @ self.lora_A[:b]) * lora_scale(self.alpha, b)
+
+    def base_weight_float(self) -> torch.Tensor:
+        """W0 in float32, dequantized from NF4 when the base is 4-bit."""
+        weight = self.base.weight
+        if is_linear4bit(self.base):
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        return weight.data.float()
+
+    def extra_repr(self) -> str:
+        return f"r_max={self.r_max}, alpha={self.alpha}, active_rank={self.active_rank}, update={self.update}"

@@ -1,0 +1,47 @@
+"""Drawing the active rank b once per optimizer step."""
+from __future__ import annotations
+
+import random
+
+from core.qdylora.config import QDyLoRAConfig
+
+
+def candidate_ranks(cfg: QDyLoRAConfig) -> tuple[list[int], list[float]]:
+    """Ranks that can be drawn and their (unnormalised) weights."""
+    if cfg.rank_sampling == "list":
+        ranks = sorted(set(cfg.rank_list))
+        return ranks, [1.0] * len(ranks)
+    if cfg.rank_sampling == "pow2":
+        ranks = [1 << i for i in range(cfg.r_max.bit_length()) if (1 << i) <= cfg.r_max]
+        if ranks[-1] != cfg.r_max:
+            # r_max itself must be trained, or exporting it would export untrained rows.
+            ranks.append(cfg.r_max)
+        return ranks, [1.0] * len(ranks)
+    ranks = list(range(1, cfg.r_max + 1))
+    if cfg.rank_sampling == "low":
+        return ranks, [1.0 / b for b in ranks]
+    if cfg.rank_sampling == "high":
+        return ranks, [float(b) for b in ranks]
+    return ranks, [1.0] * len(ranks)
+
+
+class RankSampler:
+    """Seeded sampler whose state goes into checkpoints, so a resumed run draws the same ranks."""
+
+    def __init__(self, cfg: QDyLoRAConfig, seed: int):
+        self.ranks, self.weights = candidate_ranks(cfg)
+        self._rng = random.Random(seed)
+
+    def sample(self) -> int:
+        return self._rng.choices(self.ranks, weights=self.weights, k=1)[0]
+
+    def probabilities(self) -> dict[int, float]:
+        total = sum(self.weights)
+        return {b: w / total for b, w in zip(self.ranks, self.weights)}
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self._rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))

@@ -1,0 +1,108 @@
+"""Status and progress files of long jobs (training runs, sweeps).
+
+A job writes `status.json` (what it is doing now) and appends to `progress.jsonl`
+(what it has done). Readers never trust a "running" status alone: a process killed
+with -9 cannot update its file, so `read_status` checks that the recorded process
+still exists and reports "died" when it does not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+STATUS_FILE = "status.json"
+PROGRESS_FILE = "progress.jsonl"
+FINISHED = ("completed", "cancelled", "failed")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _process_started_at(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def write_status(folder: Path, status: str, **fields) -> dict:
+    pid = os.getpid()
+    data = {"status": status, "pid": pid, "pid_started_at": _process_started_at(pid), "updated_at": time.time()}
+    data.update(fields)
+    write_json_atomic(Path(folder) / STATUS_FILE, data)
+    return data
+
+
+def process_alive(pid: int | None, started_at: float | None) -> bool:
+    if not pid:
+        return False
+    actual = _process_started_at(pid)
+    if actual is None:
+        return False
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
+        return False
+    # A recycled pid belongs to a process that started later than ours did.
+    return started_at is None or abs(actual - started_at) < 1.0
+
+
+def read_status(folder: Path) -> dict | None:
+    """The job's status, with "running" turned into "died" when its process is gone."""
+    path = Path(folder) / STATUS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if data.get("status") == "running" and not process_alive(data.get("pid"), data.get("pid_started_at")):
+        data["status"] = "died"
+        data.setdefault("error", "the process stopped without saying why (killed or crashed); resume continues from the last checkpoint")
+    return data
+
+
+def append_event(folder: Path, event: dict) -> None:
+    line = json.dumps(event, default=float)
+    with open(Path(folder) / PROGRESS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def read_events(folder: Path) -> list[dict]:
+    """All progress events; a half-written last line (job killed mid-write) is ignored."""
+    path = Path(folder) / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def memory_mb(device: str) -> float:
+    """Peak accelerator memory on CUDA, resident set size of this process on CPU."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# Files core.jobs writes into a job's folder before the CLI starts; they do not make
+# the folder "used".
+JOB_STORE_FILES = frozenset({"job.log", "worker.log"})
+
+
+def folder_is_empty_or_missing(folder: Path) -> bool:
+    folder = Path(folder)
+    return not folder.exists() or (folder.is_dir() and all(p.name in JOB_STORE_FILES for p in folder.iterdir()))
