@@ -1,0 +1,3 @@
+from core.cli import entry_point
+
+entry_point()

@@ -1,0 +1,202 @@
+"""Rank b of a run → a standard PEFT LoRA folder, a rank card, optionally merged weights.
+
+PEFT scales a LoRA adapter by lora_alpha / r. Writing r = b and lora_alpha = alpha gives
+alpha / b: exactly the scale the run trained rank b with, so no weight is rescaled.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from core import runstate
+from core.errors import UserError
+from core.models import compute_dtype_for, dtype_from_name, pick_device
+from core.qdylora import lora_scale
+from core.qdylora.inject import ADAPTER_FILE
+from core.runs import check_rank, run_info
+from core.train import ADAPTER_DIR
+
+PEFT_PREFIX = "base_model.model."
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExportConfig:
+    run: str = field(metadata={"help": "Run folder to export from."})
+    rank: int = field(metadata={"help": "Rank b to export (1..r_max)."})
+    out: str = field(metadata={"help": "Export folder to create (must be missing or empty)."})
+    merge: bool = field(default=False, metadata={"help": "Also write merged weights W0 + (alpha/b) B A into a 16/32-bit base copy."})
+    merge_dtype: str = field(default="auto", metadata={"help": "Merged weights dtype: auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
+    sweep: str | None = field(default=None, metadata={"help": "Sweep folder whose measured numbers for this rank go into the rank card."})
+
+    def __post_init__(self):
+        if self.merge_dtype not in MERGE_DTYPES:
+            raise UserError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {self.merge_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peft_state_dict(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Our '<module>.lora_A' tensors at r_max → PEFT's key names, truncated to rank b."""
+    out = {}
+    for key, tensor in adapter.items():
+        module, kind = key.rsplit(".", 1)
+        sliced = tensor[:rank] if kind == "lora_A" else tensor[:, :rank]
+        out[f"{PEFT_PREFIX}{module}.{kind}.weight"] = sliced.contiguous().clone()
+    return out
+
+
+def peft_adapter_config(rank: int, alpha: float, dropout: float, target_modules: list[str], base_path: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(target_modules),
+        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def sweep_numbers(sweep_dir: str | Path | None, rank: int) -> dict | None:
+    """The sweep's summary row for this rank (and the base row), if the sweep measured it."""
+    if not sweep_dir:
+        return None
+    path = Path(sweep_dir) / "summary.csv"
+    if not path.is_file():
+        raise UserError(f"{sweep_dir} is not a finished sweep (no summary.csv)")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = {int(float(r["rank"])): r for r in csv.DictReader(fh)}
+    if rank not in rows:
+        raise UserError(f"sweep {sweep_dir} did not measure rank {rank} (it has {sorted(rows)})")
+    return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir)}
+
+
+def rank_card_markdown(card: dict) -> str:
+    lines = [
+        f"# Rank card: {card['run_id']} at rank {card['rank']}", "",
+        f"- Base model: {card['base_model']['name']} ({card['base_model']['path']})",
+        f"- Trained with quantization: {card['base_model']['quant']}, compute dtype {card['base_model']['compute_dtype']}",
+        f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale alpha/b = {card['scale']:.4g}",
+        f"- Trainable parameters at this rank: {card['adapter_params']:,}",
+        f"- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
+    ]
+    measured = card.get("measured")
+    if measured:
+        lines += ["", "## Measured on the evaluation prompts", "", "| metric | this rank | base model |", "|---|---|---|"]
+        base = measured.get("base") or {}
+        for key, value in measured["rank"].items():
+            if key == "rank" or value in ("", None):
+                continue
+            lines.append(f"| {key} | {value} | {base.get(key, '')} |")
+    lines += ["", "## Load it", "", "```python", card["snippet"], "```", ""]
+    return "\n".join(lines)
+
+
+def load_snippet(export_dir: Path, base_path: str) -> str:
+    return (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from peft import PeftModel\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base_path!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({base_path!r})\n"
+        f"model = PeftModel.from_pretrained(base, {str(export_dir)!r})"
+    )
+
+
+def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
+    """Write the export folder; returns the rank card. Nothing is written when input is bad."""
+    from safetensors.torch import load_file, save_file
+
+    report = on_progress or (lambda message: None)
+    run_dir, out = Path(cfg.run), Path(cfg.out)
+    info = run_info(run_dir)
+    config = info["config"]
+    r_max = config["qdylora"]["r_max"]
+    check_rank(cfg.rank, r_max)
+    if cfg.rank == 0:
+        raise UserError("rank 0 is the base model itself: there is no adapter to export")
+    if not info["has_adapter"]:
+        raise UserError(f"run {run_dir} has no saved adapter yet")
+    if not runstate.folder_is_empty_or_missing(out):
+        raise UserError(f"output folder {out} already holds files; choose a new folder")
+    measured = sweep_numbers(cfg.sweep, cfg.rank)
+
+    adapter = load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE))
+    modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
+    leaf_names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    alpha = config["qdylora"]["alpha"]
+    base_path = config["model"]["path"]
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report("writing PEFT adapter")
+        save_file(peft_state_dict(adapter, cfg.rank), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        adapter_cfg = peft_adapter_config(cfg.rank, alpha, config["qdylora"]["dropout"], leaf_names, base_path)
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        if cfg.merge:
+            report("merging rank into the base weights")
+            write_merged(run_dir, cfg.rank, cfg.merge_dtype, tmp / "merged")
+        file_sizes = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        card = {
+            "run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "rank": cfg.rank, "r_max": r_max,
+            "alpha": alpha, "scale": lora_scale(alpha, cfg.rank),
+            "base_model": config["model"], "trained_steps": (info["status"] or {}).get("step"),
+            "adapter_params": sum(cfg.rank * (adapter[f"{m}.lora_A"].shape[1] + adapter[f"{m}.lora_B"].shape[0]) for m in modules),
+            "target_modules": leaf_names, "adapted_layers": len(modules), "merged": cfg.merge,
+            "file_sizes": file_sizes, "measured": measured, "created_at": time.time(),
+            "snippet": load_snippet(out.resolve(), base_path),
+        }
+        (tmp / "rank_card.json").write_text(json.dumps(card, indent=2, default=str))
+        (tmp / "rank_card.md").write_text(rank_card_markdown(card))
+        (tmp / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if out.exists():
+            # checked above: empty, or only the job store's logs (core.jobs made the folder)
+            for item in tmp.iterdir():
+                item.rename(out / item.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report("done")
+    return card
+
+
+def write_merged(run_dir: Path, rank: int, merge_dtype: str, folder: Path) -> None:
+    """W' = W0 + (alpha/b) B[:, :b] A[:b] in a 16/32-bit copy of the base.
+
+    W0 is the weight the run trained against: for an NF4 run that is the dequantized NF4
+    weight, not the original float weight (merging into 4-bit would round the update away).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from core.qdylora import qdylora_layers
+    from core.runs import load_run
+
+    device = pick_device("auto")
+    dtype = compute_dtype_for(device) if merge_dtype == "auto" else dtype_from_name(merge_dtype)
+    loaded = load_run(run_dir)
+    merged_weights = {}
+    with torch.no_grad():
+        for name, layer in qdylora_layers(loaded.model).items():
+            merged_weights[name] = (layer.base_weight_float() + layer.delta_weight(rank)).cpu()
+    del loaded
+    plain = AutoModelForCausalLM.from_pretrained(run_info(run_dir)["config"]["model"]["path"], dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in merged_weights.items():
+            plain.get_submodule(name).weight.copy_(weight)
+    plain = plain.to(dtype)
+    plain.save_pretrained(folder, safe_serialization=True)
+    from core.models import load_tokenizer
+
+    load_tokenizer(run_info(run_dir)["config"]["model"]["path"]).save_pretrained(folder)

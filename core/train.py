@@ -1,0 +1,447 @@
+"""One QDyLoRA training run: data → 4-bit base + dynamic-rank adapter → run folder.
+
+The run folder holds everything needed to continue or use the run (see
+docs/ARCHITECTURE.md): the resolved config, status, progress events, the rank
+histogram, checkpoints and the final adapter at r_max.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core import runstate
+from core.errors import RunError, UserError
+from core.models import ModelSpec, load_base_model, resolve_model_path
+from core.prompting import EncodedExample, collate, encode_example
+from core.qdylora import QDyLoRAConfig, RankSampler, inject_qdylora, save_adapter, set_rank
+from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_parameters, load_adapter_state_dict, adapter_state_dict
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"
+log = logging.getLogger("rank_studio.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved resolved into the run folder."""
+
+    data: str = field(metadata={"help": "Training data: JSONL (prompt/response or messages) or CSV."})
+    out: str = field(metadata={"help": "Run folder to create (must be missing or empty)."})
+    prompt_col: str = field(default="prompt", metadata={"help": "CSV/JSONL field holding the prompt."})
+    response_col: str = field(default="response", metadata={"help": "CSV/JSONL field holding the answer."})
+    model: str = field(default="default", metadata={"help": "'default' (bundled SmolLM2-135M-Instruct), a local HF folder or a hub id."})
+    quant: str = field(default="nf4", metadata={"help": "nf4 (4-bit base, QLoRA) or none (base in compute dtype)."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    r_max: int = field(default=64, metadata={"help": "Largest rank; every rank 1..r_max is usable after training."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale alpha/b at rank b."})
+    dropout: float = field(default=0.05, metadata={"help": "Adapter input dropout."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Leaf names to adapt; None = all block linears."})
+    rank_sampling: str = field(default="uniform", metadata={"help": "uniform | pow2 | low | high | list."})
+    rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
+    update: str = field(default="full", metadata={"help": "full (rows 1..b learn) or frozen (only row b learns)."})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (same rank for all of them)."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant (QLoRA default), linear or cosine decay after warmup."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps with linear warmup."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on adapters."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA uses 0.3); 0 disables."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example; longer ones are cut (counted in data_report.json)."})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data order, dropout and rank draws."})
+    checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N steps (and on cancel)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory (non-reentrant)."})
+
+    def __post_init__(self):
+        problems = []
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            problems.append(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            problems.append("max_grad_norm and weight_decay must be >= 0")
+        if isinstance(self.max_length, int) and self.max_length < 8:
+            problems.append(f"max_length must be at least 8, got {self.max_length}")
+        try:
+            self.qdylora_config()
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
+            self.model_spec()
+        except UserError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise UserError("invalid training config: " + "; ".join(problems))
+
+    def qdylora_config(self) -> QDyLoRAConfig:
+        return QDyLoRAConfig(
+            r_max=self.r_max, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update,
+        )
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(name_or_path=self.model, quant=self.quant, device=self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # completed | cancelled
+    steps_done: int
+    final_loss: float | None
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class BatchOrder:
+    """Micro-batch k → example indices; a pure function of (seed, k) so resume needs no state."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=gen).tolist()
+        return self._perms[epoch]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        start = micro_batch * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def encode_dataset(tokenizer, examples, max_length: int) -> tuple[list[EncodedExample], dict]:
+    encoded, truncated, dropped = [], 0, []
+    for i, ex in enumerate(examples):
+        enc = encode_example(tokenizer, ex.prompt, ex.response, max_length, messages=ex.messages)
+        if enc is None:
+            dropped.append(i + 1)
+            continue
+        truncated += enc.truncated
+        encoded.append(enc)
+    report = {
+        "examples_read": len(examples), "examples_used": len(encoded), "truncated": truncated,
+        "dropped_prompt_too_long": dropped, "max_length": max_length,
+    }
+    return encoded, report
+
+
+def _versions() -> dict:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        out["bitsandbytes"] = None
+    return out
+
+
+# --- checkpoints: tensors in safetensors, the rest in JSON (no pickle anywhere) ---
+
+def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, sampler, step: int, histogram: dict, losses: list) -> None:
+    from safetensors.torch import save_file
+
+    tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    save_file(adapter_state_dict(model), str(tmp / "adapter.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {
+        "step": step, "param_groups": opt_state["param_groups"], "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+        "histogram": histogram, "recent_losses": losses[-50:],
+        "torch_rng": torch.get_rng_state().tolist(),
+    }
+    (tmp / "state.json").write_text(json.dumps(meta))
+    final = run_dir / CHECKPOINT_DIR
+    old = run_dir / (CHECKPOINT_DIR + ".old")
+    # Swap in two renames so a kill at any moment leaves one complete checkpoint.
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def _find_checkpoint(run_dir: Path) -> Path | None:
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        folder = run_dir / name
+        if (folder / "state.json").is_file():
+            return folder
+    return None
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, sampler) -> dict:
+    from safetensors.torch import load_file
+
+    load_adapter_state_dict(model, load_file(str(folder / "adapter.safetensors")))
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    sampler.load_state_dict(meta["sampler"])
+    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    return meta
+
+
+def load_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON: {exc}") from exc
+    if "train" not in data or "qdylora" not in data:
+        raise RunError(f"{path} is not a training run config")
+    return data
+
+
+class Trainer:
+    """A recipe: `setup` (validate, load, inject), `train` (the loop), `finish` (save)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.out)
+        self.on_event = on_event or (lambda event: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.step = 0
+        self.histogram: dict[str, int] = {}
+        self.losses: list[float] = []
+        self._log_handler: logging.Handler | None = None
+
+    # --- setup ---
+    def _check_out_dir(self) -> None:
+        if self.resume:
+            load_run_config(self.run_dir)
+            status = runstate.read_status(self.run_dir)
+            if status and status["status"] == "running":
+                raise RunError(f"{self.run_dir} is still running (pid {status.get('pid')}); cancel it before resuming")
+            if _find_checkpoint(self.run_dir) is None:
+                raise RunError(f"{self.run_dir} has no checkpoint to resume from; start a new run instead")
+        elif not runstate.folder_is_empty_or_missing(self.run_dir):
+            raise UserError(f"output folder {self.run_dir} already holds files; choose a new folder or use --resume")
+
+    def setup(self) -> None:
+        from core.data import load_training_data
+
+        self._check_out_dir()
+        # Read and validate the data before creating anything, so bad data leaves no run folder.
+        data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
+        resolve_model_path(self.cfg.model)  # an unknown model must fail before a run folder exists
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_log()
+        runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
+        torch.manual_seed(self.cfg.seed)
+        self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
+        self.qcfg = self.cfg.qdylora_config()
+        self.adapted = inject_qdylora(self.model, self.qcfg)
+        if self.cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        self.examples, report = encode_dataset(self.tokenizer, data.examples, self.cfg.max_length)
+        report["skipped_rows"] = data.skipped
+        if not self.examples:
+            raise UserError(f"{self.cfg.data}: every example is longer than max_length={self.cfg.max_length} before its answer starts")
+        runstate.write_json_atomic(self.run_dir / "data_report.json", report)
+        self.order = BatchOrder(len(self.examples), self.cfg.batch_size, self.cfg.seed)
+        self.params = adapter_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup = int(round(self.cfg.warmup_ratio * self.cfg.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.lr_schedule, self.cfg.steps, warmup))
+        self.sampler = RankSampler(self.qcfg, self.cfg.seed)
+        if self.resume:
+            meta = _load_checkpoint(_find_checkpoint(self.run_dir), self.model, self.optimizer, self.scheduler, self.sampler)
+            self.step, self.histogram, self.losses = meta["step"], meta["histogram"], meta["recent_losses"]
+            log.info("resumed at step %d of %d", self.step, self.cfg.steps)
+        else:
+            runstate.write_json_atomic(self.run_dir / CONFIG_FILE, {
+                "train": self.cfg.to_dict(), "qdylora": self.qcfg.to_dict(), "model": self.resolved.to_dict(),
+                "adapted_modules": self.adapted, "versions": _versions(), "created_at": time.time(),
+            })
+        self.data_report = report
+
+    def _start_log(self) -> None:
+        self._log_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("rank_studio").addHandler(self._log_handler)
+        logging.getLogger("rank_studio").setLevel(logging.INFO)
+
+    def _emit(self, event: dict) -> None:
+        event.setdefault("time", time.time())
+        runstate.append_event(self.run_dir, event)
+        self.on_event(event)
+
+    # --- the loop ---
+    def _micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        batch = collate([self.examples[i] for i in self.order.indices(k)], self.tokenizer.pad_token_id)
+        device = self.resolved.device
+        return {key: value.to(device) for key, value in batch.items()}
+
+    def train_step(self, rank: int) -> tuple[float, int]:
+        """One optimizer step at active rank `rank`; returns (mean loss, tokens seen)."""
+        set_rank(self.model, rank)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, tokens = 0.0, 0
+        for micro in range(self.cfg.grad_accum):
+            batch = self._micro_batch(self.step * self.cfg.grad_accum + micro)
+            loss = self.model(**batch).loss / self.cfg.grad_accum
+            loss.backward()
+            total_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        guard = UntrainedRowGuard(self.model, rank, self.qcfg.update)
+        self.optimizer.step()
+        guard.restore()
+        self.scheduler.step()
+        return total_loss, tokens
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self._emit({
+            "event": "start", "step": self.step, "total_steps": cfg.steps, "resumed": self.resume,
+            "examples": len(self.examples), "truncated": self.data_report["truncated"],
+            "trainable_params": adapter_param_count(self.model, cfg.r_max), "model": self.resolved.name,
+            "quant": self.resolved.quant, "device": self.resolved.device,
+        })
+        runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training")
+        started, first_step = time.time(), self.step
+        status = "completed"
+        while self.step < cfg.steps:
+            if self.should_stop():
+                status = "cancelled"
+                break
+            t0 = time.time()
+            rank = self.sampler.sample()
+            loss, tokens = self.train_step(rank)
+            self.step += 1
+            self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
+            self.losses.append(loss)
+            elapsed = time.time() - started
+            per_step = elapsed / (self.step - first_step)
+            event = {
+                "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": rank,
+                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
+                "elapsed_s": elapsed, "eta_s": per_step * (cfg.steps - self.step),
+                "mem_mb": runstate.memory_mb(self.resolved.device),
+            }
+            self._emit(event)
+            log.info("step %d/%d loss %.4f rank %d", self.step, cfg.steps, loss, rank)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training", loss=loss)
+        if status == "cancelled":
+            self.save_checkpoint()
+        return self.finish(status)
+
+    def save_checkpoint(self) -> None:
+        _save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.sampler, self.step, self.histogram, self.losses)
+        runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
+
+    def finish(self, status: str) -> TrainResult:
+        set_rank(self.model, self.cfg.r_max)
+        save_adapter(self.model, self.qcfg, self.run_dir / ADAPTER_DIR)
+        runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
+        final_loss = self.losses[-1] if self.losses else None
+        runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, loss=final_loss)
+        self._emit({"event": "end", "status": status, "step": self.step, "total_steps": self.cfg.steps})
+        log.info("run %s at step %d", status, self.step)
+        return TrainResult(self.run_dir, status, self.step, final_loss)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.run_dir.is_dir() or not (self.run_dir / runstate.STATUS_FILE).exists():
+            return
+        message = describe_failure(exc)
+        log.error("run failed: %s\n%s", message, traceback.format_exc())
+        runstate.write_status(self.run_dir, "failed", step=self.step, total_steps=self.cfg.steps, error=message)
+        runstate.append_event(self.run_dir, {"event": "end", "status": "failed", "error": message, "time": time.time()})
+
+    def cleanup(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("rank_studio").removeHandler(self._log_handler)
+            self._log_handler.close()
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory: lower batch size or max length, use nf4, or enable gradient checkpointing"
+    if isinstance(exc, UserError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_event=None, should_stop=None) -> TrainResult:
+    """Run (or resume) a training run; the run folder records the outcome either way."""
+    if resume:
+        saved = load_run_config(Path(cfg.out))["train"]
+        cfg = TrainConfig.from_dict(saved | {"out": cfg.out})
+    trainer = Trainer(cfg, resume=resume, on_event=on_event, should_stop=should_stop)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except BaseException as exc:
+        trainer.fail(exc)
+        raise
+    finally:
+        trainer.cleanup()
