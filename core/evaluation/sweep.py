@@ -1,0 +1,507 @@
+"""The rank sweep: quality, latency and memory per rank of one run, and a recommendation.
+
+The run's model is loaded once; switching rank sets a number. Each finished rank is
+written to `ranks/rank_<b>.json` at once, so a cancelled or killed sweep keeps what it
+measured and `--resume` continues with the ranks that are missing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+import time
+import traceback
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core import runstate
+from core.errors import UserError
+from core.models import model_footprint_bytes
+from core.prompting import collate, encode_example, token_nll
+from core.qdylora import qdylora_layers, set_rank
+from core.qdylora.inject import adapter_param_count
+
+QUALITY_METRICS = ("ref_nll", "rouge_l", "fact_recall", "similarity")
+SUMMARY_COLUMNS = [
+    "rank", "ref_nll", "ref_nll_lo", "ref_nll_hi", "ppl", "rouge_l", "rouge_l_lo", "rouge_l_hi",
+    "fact_recall", "fact_recall_lo", "fact_recall_hi", "similarity", "similarity_lo", "similarity_hi",
+    "ttft_ms", "ms_per_token", "tokens_per_s", "ttft_ms_merged", "ms_per_token_merged", "tokens_per_s_merged",
+    "adapter_params", "adapter_mb", "base_mb", "peak_mem_mb", "eval_s",
+]
+PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity"]
+RANKS_DIR = "ranks"
+log = logging.getLogger("rank_studio.sweep")
+
+
+def default_ranks(r_max: int) -> list[int]:
+    """0 (the base model) and powers of two up to r_max, plus r_max itself."""
+    ranks = [0] + [1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max]
+    return ranks if ranks[-1] == r_max else ranks + [r_max]
+
+
+def parse_ranks(text: str | list | None, r_max: int) -> list[int]:
+    """Ranks from '0,1,2,4' (or a list); every problem is reported at once."""
+    if text is None or text == "" or text == []:
+        return default_ranks(r_max)
+    items = text if isinstance(text, list) else [x.strip() for x in str(text).split(",") if x.strip()]
+    ranks, problems = [], []
+    for item in items:
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and re.fullmatch(r"-?\d+", item))):
+            problems.append(f"{item!r} is not an integer")
+            continue
+        value = int(item)
+        if not 0 <= value <= r_max:
+            problems.append(f"{value} is outside 0..{r_max}")
+        else:
+            ranks.append(value)
+    if problems:
+        raise UserError(f"bad --ranks (this run has r_max={r_max}): " + "; ".join(problems))
+    if not ranks:
+        raise UserError("--ranks lists no rank")
+    return sorted(set(ranks))
+
+
+@dataclass
+class SweepConfig:
+    """Everything that decides a sweep; saved resolved in the sweep folder."""
+
+    run: str = field(metadata={"help": "Training run folder to evaluate."})
+    prompts: str = field(metadata={"help": "Evaluation set (JSONL or CSV) with prompt, reference, optional id and must_include."})
+    out: str = field(metadata={"help": "Sweep folder to create (missing or empty; existing with resume)."})
+    ranks: list[int] | None = field(default=None, metadata={"help": "Ranks to measure; 0 = base model. None = 0 and powers of two up to r_max."})
+    prompt_col: str = field(default="prompt", metadata={"help": "Column/key of the prompt."})
+    reference_col: str = field(default="reference", metadata={"help": "Column/key of the reference answer."})
+    id_col: str = field(default="id", metadata={"help": "Column/key of the prompt id (row number when absent)."})
+    must_include_col: str = field(default="must_include", metadata={"help": "Column/key of facts an answer must contain."})
+    metrics: list[str] = field(default_factory=lambda: list(QUALITY_METRICS), metadata={"help": "Quality metrics to compute."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy answer length limit for ROUGE-L, fact recall and similarity."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (quick looks)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per forward/generate batch."})
+    latency: bool = field(default=True, metadata={"help": "Measure latency per rank, unmerged and merged."})
+    latency_repeats: int = field(default=3, metadata={"help": "Timed repeats per latency prompt (median taken after one warm-up)."})
+    latency_prompts: int = field(default=2, metadata={"help": "How many prompts latency is measured on (batch size 1)."})
+    latency_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per latency measurement."})
+    recommend_metric: str = field(default="ref_nll", metadata={"help": "Metric the recommendation uses (changeable later without re-running)."})
+    threshold: float = field(default=0.95, metadata={"help": "Share of the best rank's score a rank must reach."})
+    n_bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    seed: int = field(default=0, metadata={"help": "Seed for the bootstrap."})
+
+    def __post_init__(self):
+        problems = []
+        unknown = [m for m in self.metrics if m not in QUALITY_METRICS]
+        if unknown or not self.metrics:
+            problems.append(f"metrics must be a non-empty subset of {', '.join(QUALITY_METRICS)}; unknown: {unknown}")
+        for name in ("max_new_tokens", "batch_size", "latency_repeats", "latency_prompts", "latency_new_tokens", "n_bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.latency_new_tokens < 2:
+            problems.append("latency_new_tokens must be at least 2")
+        if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
+            problems.append(f"max_prompts must be a positive integer, got {self.max_prompts!r}")
+        if self.recommend_metric not in QUALITY_METRICS:
+            problems.append(f"recommend metric must be one of {', '.join(QUALITY_METRICS)}")
+        if not 0 < self.threshold <= 1:
+            problems.append(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if problems:
+            raise UserError("invalid sweep config: " + "; ".join(problems))
+
+    @classmethod
+    def from_cli(cls, args) -> "SweepConfig":
+        return cls(
+            run=args.run, prompts=args.prompts, out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
+            reference_col=args.reference_col, id_col=args.id_col, must_include_col=args.must_include_col,
+            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], max_new_tokens=args.max_new_tokens,
+            max_prompts=args.max_prompts, batch_size=args.batch_size, latency=args.latency == "on",
+            latency_repeats=args.latency_repeats, recommend_metric=args.recommend_metric,
+            threshold=args.threshold, seed=args.seed,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    status: str
+    ranks_done: list[int]
+    recommendation: dict | None
+    message: str
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def measure_nll(model, tokenizer, items, batch_size: int, max_length: int = 2048) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each reference given its prompt, by teacher forcing."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encoded = [encode_example(tokenizer, it.prompt, it.reference, max_length) for it in chunk]
+        batch = collate(encoded, tokenizer.pad_token_id)
+        with torch.no_grad():
+            sums, counts = token_nll(model, batch)
+        out += [(float(s), int(c)) for s, c in zip(sums, counts)]
+    return out
+
+
+def _timed_generate(model, inputs, new_tokens: int, pad_token_id: int) -> float:
+    device = inputs["input_ids"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+    """Median time to first token and per generated token at batch size 1, after a warm-up.
+
+    TTFT is the time of a one-token generation (prefill + first token); the per-token time
+    is the extra time of an n-token generation over the one-token one, divided by n-1.
+    """
+    from core.runs import encode_prompts
+
+    ttfts, per_token = [], []
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        inputs = encode_prompts(tokenizer, [prompt], device)
+        pad = tokenizer.pad_token_id
+        _timed_generate(model, inputs, 2, pad)  # warm-up: allocator, kernels, caches
+        for _ in range(repeats):
+            first = _timed_generate(model, inputs, 1, pad)
+            full = _timed_generate(model, inputs, new_tokens, pad)
+            ttfts.append(first * 1000)
+            per_token.append(max(full - first, 0.0) * 1000 / (new_tokens - 1))
+    ms_per_token = statistics.median(per_token)
+    return {"ttft_ms": statistics.median(ttfts), "ms_per_token": ms_per_token,
+            "tokens_per_s": 1000.0 / ms_per_token if ms_per_token > 0 else math.nan}
+
+
+class MergedModel:
+    """A plain 16/32-bit copy of the base into which one rank at a time is merged.
+
+    W0 is what the run's layers compute with (dequantized NF4 for NF4 runs), so the
+    merged model at rank b computes the same function as the adapter at rank b.
+    """
+
+    def __init__(self, loaded):
+        from transformers import AutoModelForCausalLM
+
+        from core.models import dtype_from_name
+
+        dtype = dtype_from_name(loaded.resolved.compute_dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(loaded.resolved.path, dtype=dtype, device_map=loaded.device)
+        self.model.eval()
+        self.layers = qdylora_layers(loaded.model)
+        self.base_weights = {name: layer.base_weight_float() for name, layer in self.layers.items()}
+        self.rank = None
+
+    @torch.no_grad()
+    def set_rank(self, rank: int) -> None:
+        for name, layer in self.layers.items():
+            weight = self.model.get_submodule(name).weight
+            weight.copy_((self.base_weights[name] + layer.delta_weight(rank)).to(weight.dtype))
+        self.rank = rank
+
+
+class PeakMemory:
+    """Peak memory while a rank is evaluated: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0.0
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        self.peak = runstate.memory_mb(self.device)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, runstate.memory_mb(self.device))
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summarize_rank(rank: int, rows: list[dict], metrics: list[str], cfg: SweepConfig) -> dict:
+    from core.evaluation.metrics import perplexity
+    from core.evaluation.stats import bootstrap_mean_ci, bootstrap_ratio_ci
+
+    summary: dict = {"rank": rank}
+    if "ref_nll" in metrics:
+        interval = bootstrap_ratio_ci([r["ref_nll"] * r["ref_tokens"] for r in rows], [r["ref_tokens"] for r in rows],
+                                      n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+        summary.update(ref_nll=interval.mean, ref_nll_lo=interval.lo, ref_nll_hi=interval.hi, ppl=perplexity(interval.mean))
+    for name in ("rouge_l", "fact_recall", "similarity"):
+        if name in metrics:
+            interval = bootstrap_mean_ci([r.get(name) for r in rows], n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+            summary.update({name: interval.mean, f"{name}_lo": interval.lo, f"{name}_hi": interval.hi})
+    return summary
+
+
+def write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def read_rank_results(out: Path) -> dict[int, dict]:
+    results = {}
+    folder = out / RANKS_DIR
+    if folder.is_dir():
+        for path in folder.glob("rank_*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue  # a half-written file: that rank is measured again
+            results[int(data["summary"]["rank"])] = data
+    return results
+
+
+def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: list[str], skipped: list, run_meta: dict) -> dict | None:
+    from core.evaluation.recommend import recommend_rank
+
+    ranks = sorted(results)
+    summary = [results[b]["summary"] for b in ranks]
+    write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
+    write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, [row for b in ranks for row in results[b]["rows"]])
+    recommendation = None
+    metric = cfg.recommend_metric if cfg.recommend_metric in cfg.metrics else cfg.metrics[0]
+    if any(b > 0 for b in ranks):
+        try:
+            recommendation = recommend_rank(summary, metric, cfg.threshold).to_dict()
+            recommendation.pop("table", None)
+        except ValueError as exc:
+            notes = notes + [f"no recommendation: {exc}"]
+    runstate.write_json_atomic(out / "sweep.json", {
+        "config": cfg.to_dict(), "run": str(Path(cfg.run).resolve()), "run_meta": run_meta,
+        "ranks_done": ranks, "recommendation": recommendation, "skipped_rows": skipped, "notes": notes,
+    })
+    return recommendation
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, resume: bool, on_event=None, should_stop=None):
+        self.cfg, self.resume = cfg, resume
+        self.out = Path(cfg.out)
+        self.on_event = on_event or (lambda e: None)
+        self.should_stop = should_stop or (lambda: False)
+        self._log_handler = None
+
+    def _emit(self, event: dict) -> None:
+        event.setdefault("time", time.time())
+        runstate.append_event(self.out, event)
+        self.on_event(event)
+
+    def validate(self) -> None:
+        """Every check that needs no model, before anything is written."""
+        from core.data import load_eval_set
+        from core.runs import run_info
+
+        if self.resume:
+            saved = self.out / "config.json"
+            if not saved.is_file():
+                raise UserError(f"{self.out} is not a sweep folder to resume (no config.json)")
+            status = runstate.read_status(self.out)
+            if status and status["status"] == "running":
+                raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
+            self.cfg = SweepConfig.from_dict(json.loads(saved.read_text())["config"] | {"out": str(self.out)})
+        elif not runstate.folder_is_empty_or_missing(self.out):
+            raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
+        info = run_info(Path(self.cfg.run))
+        if not info["has_adapter"]:
+            raise UserError(f"run {self.cfg.run} has no saved adapter yet; wait for it to finish or resume it")
+        self.r_max = info["config"]["qdylora"]["r_max"]
+        self.ranks = parse_ranks(self.cfg.ranks, self.r_max)
+        self.cfg.ranks = self.ranks
+        eval_set = load_eval_set(self.cfg.prompts, prompt_col=self.cfg.prompt_col, reference_col=self.cfg.reference_col,
+                                 id_col=self.cfg.id_col, must_include_col=self.cfg.must_include_col)
+        self.items = eval_set.items[: self.cfg.max_prompts] if self.cfg.max_prompts else eval_set.items
+        if not self.items:
+            raise UserError(f"{self.cfg.prompts}: no evaluation prompts")
+        self.skipped = list(eval_set.skipped) + [{"warning": w} for w in eval_set.warnings]
+        self.run_status = info["status"]
+
+    def setup(self) -> None:
+        from core.evaluation.metrics import SemanticSimilarity
+        from core.runs import load_run
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._log_handler = logging.FileHandler(self.out / "sweep.log", encoding="utf-8")
+        logging.getLogger("rank_studio").addHandler(self._log_handler)
+        logging.getLogger("rank_studio").setLevel(logging.INFO)
+        runstate.write_json_atomic(self.out / "config.json", {"config": self.cfg.to_dict(), "created_at": time.time()})
+        runstate.write_status(self.out, "running", phase="loading model", ranks=self.ranks)
+        self.notes: list[str] = []
+        if self.run_status and self.run_status.get("status") != "completed":
+            self.notes.append(f"the run's status is {self.run_status.get('status')!r} at step {self.run_status.get('step')}: its latest adapter was evaluated")
+        self.metrics = list(self.cfg.metrics)
+        if "similarity" in self.metrics:
+            ok, reason = SemanticSimilarity.availability()
+            if ok:
+                self.similarity = SemanticSimilarity()
+            else:
+                self.metrics.remove("similarity")
+                self.notes.append(reason)
+        self.loaded = load_run(Path(self.cfg.run))
+        self.base_mb = self._base_bytes() / 2**20
+        self.merged = None
+        self.results = read_rank_results(self.out) if self.resume else {}
+
+    def _base_bytes(self) -> int:
+        adapter = sum(p.numel() * p.element_size() for layer in qdylora_layers(self.loaded.model).values() for p in (layer.lora_A, layer.lora_B))
+        return model_footprint_bytes(self.loaded.model) - adapter
+
+    def evaluate_rank(self, rank: int, done_units: int, total_units: int, started: float) -> dict | None:
+        cfg, loaded = self.cfg, self.loaded
+        set_rank(loaded.model, rank)
+        memory = PeakMemory(loaded.device)
+        memory.start()
+        t0 = time.time()
+        rows = []
+        for start in range(0, len(self.items), cfg.batch_size):
+            if self.should_stop():
+                return None
+            chunk = self.items[start:start + cfg.batch_size]
+            rows += self._evaluate_chunk(rank, chunk)
+            memory.sample()
+            done = done_units + len(rows)
+            elapsed = time.time() - started
+            self._emit({"event": "prompt", "rank": rank, "done": len(rows), "total": len(self.items), "units": len(chunk),
+                        "done_units": done, "total_units": total_units,
+                        "eta_s": elapsed / max(done - self.units_at_start, 1) * (total_units - done)})
+        if "similarity" in self.metrics:
+            for row, score in zip(rows, self.similarity.scores([r["answer"] for r in rows], [r["reference"] for r in rows])):
+                row["similarity"] = score
+        summary = summarize_rank(rank, rows, self.metrics, cfg)
+        if cfg.latency:
+            summary.update(measure_latency(loaded.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
+                                           cfg.latency_new_tokens, cfg.latency_repeats))
+            memory.sample()
+            if self.should_stop():
+                return None
+            merged = self._merged_model()
+            merged.set_rank(rank)
+            lat = measure_latency(merged.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
+                                  cfg.latency_new_tokens, cfg.latency_repeats)
+            summary.update({f"{k}_merged": v for k, v in lat.items()})
+            memory.sample()
+        params = adapter_param_count(loaded.model, rank)
+        summary.update(adapter_params=params, adapter_mb=params * 4 / 2**20, base_mb=self.base_mb,
+                       peak_mem_mb=memory.peak, eval_s=time.time() - t0)
+        return {"summary": summary, "rows": rows}
+
+    def _merged_model(self) -> MergedModel:
+        if self.merged is None:
+            self.merged = MergedModel(self.loaded)
+        return self.merged
+
+    def _evaluate_chunk(self, rank: int, chunk) -> list[dict]:
+        from core.evaluation.metrics import fact_recall, rouge_l_scores
+        from core.runs import generate
+
+        loaded = self.loaded
+        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference} for it in chunk]
+        if "ref_nll" in self.metrics:
+            for row, (nll_sum, count) in zip(rows, measure_nll(loaded.model, loaded.tokenizer, chunk, self.cfg.batch_size)):
+                row["ref_nll"] = nll_sum / count if count else math.nan
+                row["ref_tokens"] = count
+        needs_answer = any(m in self.metrics for m in ("rouge_l", "fact_recall", "similarity"))
+        if needs_answer:
+            answers = generate(loaded.model, loaded.tokenizer, [it.prompt for it in chunk],
+                               max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size)
+            for row, answer in zip(rows, answers):
+                row["answer"] = answer
+            if "rouge_l" in self.metrics:
+                for row, score in zip(rows, rouge_l_scores(answers, [it.reference for it in chunk])):
+                    row["rouge_l"] = score
+            if "fact_recall" in self.metrics:
+                for row, it in zip(rows, chunk):
+                    row["fact_recall"] = fact_recall(row["answer"], it.must_include)
+        return rows
+
+    def run(self) -> SweepResult:
+        todo = [b for b in self.ranks if b not in self.results]
+        total_units = len(self.ranks) * len(self.items)
+        done_units = (len(self.ranks) - len(todo)) * len(self.items)
+        self.units_at_start = done_units
+        started = time.time()
+        run_meta = {"model": self.loaded.resolved.to_dict(), "r_max": self.r_max, "run_status": self.run_status}
+        self._emit({"event": "start", "ranks": self.ranks, "todo": todo, "prompts": len(self.items),
+                    "total_units": total_units, "done_units": done_units, "notes": self.notes})
+        status = "completed"
+        for rank in todo:
+            runstate.write_status(self.out, "running", phase=f"rank {rank}", ranks=self.ranks, ranks_done=sorted(self.results))
+            self._emit({"event": "rank_start", "rank": rank})
+            result = self.evaluate_rank(rank, done_units, total_units, started)
+            if result is None:
+                status = "cancelled"
+                break
+            (self.out / RANKS_DIR).mkdir(exist_ok=True)
+            runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
+            self.results[rank] = result
+            done_units += len(self.items)
+            self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
+            log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+        recommendation = write_outputs(self.out, self.cfg, self.results, self.notes, self.skipped, run_meta)
+        runstate.write_status(self.out, status, ranks=self.ranks, ranks_done=sorted(self.results))
+        self._emit({"event": "end", "status": status, "ranks_done": sorted(self.results)})
+        if status == "completed" and recommendation and recommendation.get("rank") is not None:
+            message = f"sweep completed: recommended rank {recommendation['rank']} ({recommendation['reason']})"
+        elif status == "completed":
+            message = "sweep completed: " + (recommendation or {}).get("reason", "no recommendation")
+        else:
+            message = f"sweep cancelled after ranks {sorted(self.results)}; --resume continues"
+        return SweepResult(self.out, status, sorted(self.results), recommendation, message)
+
+    def fail(self, exc: BaseException) -> None:
+        if not (self.out / runstate.STATUS_FILE).exists():
+            return
+        from core.train import describe_failure
+
+        message = describe_failure(exc)
+        log.error("sweep failed: %s\n%s", message, traceback.format_exc())
+        runstate.write_status(self.out, "failed", error=message)
+        runstate.append_event(self.out, {"event": "end", "status": "failed", "error": message, "time": time.time()})
+
+    def cleanup(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("rank_studio").removeHandler(self._log_handler)
+            self._log_handler.close()
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None) -> SweepResult:
+    sweep = Sweep(cfg, resume, on_event, should_stop)
+    sweep.validate()  # raises before anything is written
+    try:
+        sweep.setup()
+        return sweep.run()
+    except BaseException as exc:
+        sweep.fail(exc)
+        raise
+    finally:
+        sweep.cleanup()
