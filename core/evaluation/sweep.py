@@ -157,24 +157,47 @@ def measure_nll(model, tokenizer, items, batch_size: int, max_length: int = 2048
     return out
 
 
-def _timed_generate(model, inputs, new_tokens: int, pad_token_id: int) -> float:
-    device = inputs["input_ids"].device
-    if device.type == "cuda":
+class TokenClock:
+    """A `generate` streamer that notes when each new token arrives.
+
+    transformers calls `put` once with the prompt, then once per generated token.
+    """
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.start = 0.0
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _timed_generate(model, inputs, new_tokens: int, pad_token_id: int) -> TokenClock:
+    device_type = inputs["input_ids"].device.type
+    clock = TokenClock(device_type)
+    if device_type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    clock.start = time.perf_counter()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+                       temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id, streamer=clock)
+    return clock
 
 
 def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int) -> dict:
-    """Median time to first token and per generated token at batch size 1, after a warm-up.
+    """Median time to first token and per later token at batch size 1, after a warm-up.
 
-    TTFT is the time of a one-token generation (prefill + first token); the per-token time
-    is the extra time of an n-token generation over the one-token one, divided by n-1.
+    Times come from one generation each: TTFT is when the first new token exists
+    (prefill + one step); the per-token time is the mean gap between later tokens.
     """
     from core.runs import encode_prompts
 
@@ -185,10 +208,9 @@ def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repea
         pad = tokenizer.pad_token_id
         _timed_generate(model, inputs, 2, pad)  # warm-up: allocator, kernels, caches
         for _ in range(repeats):
-            first = _timed_generate(model, inputs, 1, pad)
-            full = _timed_generate(model, inputs, new_tokens, pad)
-            ttfts.append(first * 1000)
-            per_token.append(max(full - first, 0.0) * 1000 / (new_tokens - 1))
+            clock = _timed_generate(model, inputs, new_tokens, pad)
+            ttfts.append((clock.times[0] - clock.start) * 1000)
+            per_token.append((clock.times[-1] - clock.times[0]) * 1000 / (len(clock.times) - 1))
     ms_per_token = statistics.median(per_token)
     return {"ttft_ms": statistics.median(ttfts), "ms_per_token": ms_per_token,
             "tokens_per_s": 1000.0 / ms_per_token if ms_per_token > 0 else math.nan}

@@ -1,0 +1,104 @@
+"""Exported ranks load in plain PEFT and compute exactly what our model computes at that rank."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.errors import UserError
+from core.export import ExportConfig, export_rank
+from core.models import quantization_config
+from core.qdylora import set_rank
+from core.runs import generate, load_run
+from core.train import TrainConfig, train
+from tests.helpers import randomize_adapter_b
+
+PROMPTS = ["What does the QB-100 cost?", "How long is the warranty on a kettle?"]
+
+
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def random_run(request, tiny_model_dir, small_train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
+    train(TrainConfig(data=str(small_train_file), out=str(out), model=str(tiny_model_dir), quant=request.param,
+                      r_max=8, steps=1, batch_size=2, max_length=64))
+    randomize_adapter_b(out)
+    return out, request.param
+
+
+def peft_model(base_path, quant, export_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32, "device_map": "cpu"}
+    if quant == "nf4":
+        kwargs["quantization_config"] = quantization_config("nf4", torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    return PeftModel.from_pretrained(base, str(export_dir)).eval()
+
+
+def logits(model, tokenizer, prompts):
+    from core.runs import encode_prompts
+
+    batch = encode_prompts(tokenizer, prompts, "cpu")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_peft_reload_gives_the_same_logits_and_text(random_run, rank, tmp_path):
+    run_dir, quant = random_run
+    out = tmp_path / "export"
+    card = export_rank(ExportConfig(run=str(run_dir), rank=rank, out=str(out)))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == rank and config["lora_alpha"] == 16.0 and config["use_rslora"] is False
+    assert config["peft_type"] == "LORA"
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
+    assert card["adapter_params"] == sum(t.numel() for t in weights.values())
+    assert card["file_sizes"]["adapter_model.safetensors"] > card["adapter_params"] * 4  # not an empty file
+
+    ours = load_run(run_dir)
+    set_rank(ours.model, rank)
+    theirs = peft_model(config["base_model_name_or_path"], quant, out)
+    ours_logits = logits(ours.model, ours.tokenizer, PROMPTS)
+    theirs_logits = logits(theirs, ours.tokenizer, PROMPTS)
+    set_rank(ours.model, 0)
+    base_logits = logits(ours.model, ours.tokenizer, PROMPTS)
+    assert (ours_logits - base_logits).abs().max() > 1e-3, "the adapter must matter for this test to mean anything"
+    assert (ours_logits - theirs_logits).abs().max() <= 1e-4
+    set_rank(ours.model, rank)
+    assert generate(ours.model, ours.tokenizer, PROMPTS, max_new_tokens=12) == generate(theirs, ours.tokenizer, PROMPTS, max_new_tokens=12)
+
+
+def test_merged_weights_compute_the_same_function(random_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, quant = random_run
+    out = tmp_path / "export"
+    card = export_rank(ExportConfig(run=str(run_dir), rank=4, out=str(out), merge=True, merge_dtype="float32"))
+    assert card["merged"] and "merged/model.safetensors" in card["file_sizes"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    ours = load_run(run_dir)
+    set_rank(ours.model, 4)
+    diff = (logits(ours.model, ours.tokenizer, PROMPTS) - logits(merged, ours.tokenizer, PROMPTS)).abs().max()
+    assert diff <= 1e-4
+    assert (out / "rank_card.md").read_text().startswith("# Rank card")
+
+
+def test_export_refuses_bad_requests_and_writes_nothing(random_run, tmp_path):
+    run_dir, _ = random_run
+    with pytest.raises(UserError, match="base model itself"):
+        export_rank(ExportConfig(run=str(run_dir), rank=0, out=str(tmp_path / "a")))
+    with pytest.raises(UserError, match="0 .*r_max=8"):
+        export_rank(ExportConfig(run=str(run_dir), rank=9, out=str(tmp_path / "b")))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep")
+    with pytest.raises(UserError, match="already holds files"):
+        export_rank(ExportConfig(run=str(run_dir), rank=2, out=str(busy)))
+    with pytest.raises(UserError, match="not a training run"):
+        export_rank(ExportConfig(run=str(tmp_path), rank=2, out=str(tmp_path / "c")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    assert [p.name for p in busy.iterdir()] == ["x"]

@@ -1,0 +1,109 @@
+"""The rank sweep end to end on a tiny model: outputs, cancel/resume, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from core import runstate
+from core.errors import DataError, UserError
+from core.evaluation.sweep import SUMMARY_COLUMNS, SweepConfig, default_ranks, parse_ranks, run_sweep
+from core.train import TrainConfig, train
+from tests.helpers import ROOT, randomize_adapter_b
+
+EVAL = ROOT / "sample_data" / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, small_train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep-run") / "run"
+    train(TrainConfig(data=str(small_train_file), out=str(out), model=str(tiny_model_dir), quant="none",
+                      r_max=4, steps=1, batch_size=2, max_length=64))
+    randomize_adapter_b(out)
+    return out
+
+
+def quick(run_dir, out, **overrides) -> SweepConfig:
+    values = dict(run=str(run_dir), prompts=str(EVAL), out=str(out), ranks=[0, 1, 2, 4], max_prompts=4,
+                  max_new_tokens=6, latency_repeats=1, latency_prompts=1, latency_new_tokens=3, n_bootstrap=200)
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sweep_writes_summary_per_prompt_and_recommendation(run_dir, tmp_path):
+    events = []
+    result = run_sweep(quick(run_dir, tmp_path / "sweep"), on_event=events.append)
+    assert result.status == "completed" and result.ranks_done == [0, 1, 2, 4]
+    summary = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(summary[0]) == SUMMARY_COLUMNS
+    assert [int(r["rank"]) for r in summary] == [0, 1, 2, 4]
+    base, r4 = summary[0], summary[3]
+    assert int(base["adapter_params"]) == 0 and int(r4["adapter_params"]) == 4 * int(summary[1]["adapter_params"])
+    for row in summary:
+        assert float(row["ref_nll_lo"]) <= float(row["ref_nll"]) <= float(row["ref_nll_hi"])
+        assert float(row["ms_per_token"]) > 0 and float(row["ms_per_token_merged"]) > 0 and float(row["peak_mem_mb"]) > 0
+    # The adapter changes the model, so ranks differ from the base in NLL.
+    assert len({round(float(r["ref_nll"]), 6) for r in summary}) == 4
+    per_prompt = read_csv(tmp_path / "sweep" / "per_prompt.csv")
+    assert len(per_prompt) == 16 and {"answer", "rouge_l", "fact_recall", "similarity"} <= set(per_prompt[0])
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep["config"]["ranks"] == [0, 1, 2, 4]
+    assert sweep["recommendation"]["metric"] == "ref_nll" and "reason" in sweep["recommendation"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("rank_done") == 4
+    assert all("eta_s" in e for e in events if e["event"] == "prompt")
+
+
+def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path):
+    out = tmp_path / "sweep"
+    done_ranks = []
+
+    def stop_after_first_rank():
+        return len(done_ranks) >= 1
+
+    first = run_sweep(quick(run_dir, out, latency=False, metrics=["ref_nll"]),
+                      on_event=lambda e: done_ranks.append(e["rank"]) if e["event"] == "rank_done" else None,
+                      should_stop=stop_after_first_rank)
+    assert first.status == "cancelled" and first.ranks_done == [0]
+    assert runstate.read_status(out)["status"] == "cancelled"
+    assert [int(r["rank"]) for r in read_csv(out / "summary.csv")] == [0]
+    kept = (out / "ranks" / "rank_0.json").read_text()
+    second = run_sweep(SweepConfig(run="", prompts="", out=str(out)), resume=True)
+    assert second.status == "completed" and second.ranks_done == [0, 1, 2, 4]
+    assert (out / "ranks" / "rank_0.json").read_text() == kept  # not measured again
+
+
+@pytest.mark.parametrize("ranks,message", [("0,1,9", "9 is outside 0..4"), ("1,x", "'x' is not an integer"), ("2.5", "not an integer")])
+def test_bad_ranks_fail_before_any_work(run_dir, tmp_path, ranks, message):
+    with pytest.raises(UserError, match=message):
+        run_sweep(quick(run_dir, tmp_path / "sweep", ranks=ranks))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_bad_eval_file_fails_before_any_work(run_dir, tmp_path):
+    with pytest.raises(DataError, match="duplicate"):
+        run_sweep(quick(run_dir, tmp_path / "sweep", prompts=str(ROOT / "sample_data" / "bad" / "eval_duplicate_ids.jsonl")))
+    with pytest.raises(DataError, match="reference"):
+        run_sweep(quick(run_dir, tmp_path / "sweep", prompts=str(ROOT / "sample_data" / "bad" / "eval_missing_reference.jsonl")))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_default_ranks_and_parse():
+    assert default_ranks(64) == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert default_ranks(12) == [0, 1, 2, 4, 8, 12]
+    assert parse_ranks("4, 0,2,2", 8) == [0, 2, 4]
+    with pytest.raises(UserError, match="-1 is outside"):
+        parse_ranks("-1", 8)
+
+
+def test_sweep_config_validation():
+    with pytest.raises(UserError, match="metrics"):
+        SweepConfig(run="r", prompts="p", out="o", metrics=["bleu"])
+    with pytest.raises(UserError, match="threshold"):
+        SweepConfig(run="r", prompts="p", out="o", threshold=1.5)
