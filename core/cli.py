@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a cancelled sweep, keeping finished ranks")
     s.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("recommend", help="re-decide a finished sweep's rank with another metric or threshold (no re-run)")
+    r.add_argument("--sweep", required=True)
+    r.add_argument("--metric", default="ref_nll", choices=["ref_nll", "rouge_l", "fact_recall", "similarity"])
+    r.add_argument("--threshold", type=float, default=0.95)
     return parser
 
 
@@ -219,7 +223,17 @@ def cmd_sweep(args) -> int:
     return EXIT_CANCELLED if result.status == "cancelled" else EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "sweep": cmd_sweep}
+def cmd_recommend(args) -> int:
+    from core.evaluation.sweep import recommend_from_sweep
+
+    rec = recommend_from_sweep(Path(args.sweep), args.metric, args.threshold)
+    print(rec.rank if rec.rank is not None else "none")
+    print(rec.reason, file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "sweep": cmd_sweep,
+            "recommend": cmd_recommend}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,20 @@ def test_sweep_config_validation():
         SweepConfig(run="r", prompts="p", out="o", metrics=["bleu"])
     with pytest.raises(UserError, match="threshold"):
         SweepConfig(run="r", prompts="p", out="o", threshold=1.5)
+
+
+def test_recommendation_can_be_redone_without_rerunning(run_dir, tmp_path):
+    from core.cli import main
+    from core.evaluation.sweep import recommend_from_sweep
+
+    out = tmp_path / "sweep"
+    run_sweep(quick(run_dir, out, latency=False, metrics=["ref_nll", "fact_recall"]))
+    before = (out / "summary.csv").read_text()
+    strict = recommend_from_sweep(out, "ref_nll", 1.0)
+    assert strict.rank == strict.best_rank
+    loose = recommend_from_sweep(out, "ref_nll", 0.01)
+    assert loose.rank == min(loose.acceptable_ranks) and loose.rank <= strict.rank
+    with pytest.raises(UserError, match="did not measure rouge_l"):
+        recommend_from_sweep(out, "rouge_l", 0.9)
+    assert main(["recommend", "--sweep", str(out), "--threshold", "1.0"]) == 0
+    assert (out / "summary.csv").read_text() == before

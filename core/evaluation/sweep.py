@@ -323,6 +323,24 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
     return recommendation
 
 
+def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
+    """Recommendation from a sweep's summary.csv with any metric and threshold, no re-run."""
+    import pandas as pd
+
+    from core.evaluation.recommend import recommend_rank
+
+    path = Path(sweep_dir) / "summary.csv"
+    if not path.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep folder with results (no summary.csv)")
+    summary = pd.read_csv(path)
+    if metric not in summary.columns or summary[metric].isna().all():
+        raise UserError(f"sweep {sweep_dir} did not measure {metric}")
+    try:
+        return recommend_rank(summary, metric, threshold)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
 # ------------------------------------------------------------------ the sweep
 
 
