@@ -171,7 +171,7 @@ def cmd_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"{result.status}: {result.steps_done}/{cfg.steps if not args.resume else result.steps_done} steps, run folder {result.run_dir}", file=sys.stderr)
+    print(f"{result.status}: {result.steps_done}/{result.total_steps} steps, run folder {result.run_dir}", file=sys.stderr)
     return EXIT_CANCELLED if result.status == "cancelled" else EXIT_OK
 
 

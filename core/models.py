@@ -153,8 +153,8 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json: it is not a Hugging Face model folder")
         return path.name, str(path.resolve())
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
-    if looks_like_path or name_or_path.count("/") != 1:
+    # Not a folder here: only "owner/name" can still be a hub id.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise UserError(f"model {name_or_path!r} is neither 'default', an existing folder, nor a hub id (owner/name)")
     return name_or_path, name_or_path
 

@@ -113,6 +113,7 @@ class TrainResult:
     run_dir: Path
     status: str  # completed | cancelled
     steps_done: int
+    total_steps: int
     final_loss: float | None
 
 
@@ -407,7 +408,7 @@ class Trainer:
         runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, loss=final_loss)
         self._emit({"event": "end", "status": status, "step": self.step, "total_steps": self.cfg.steps})
         log.info("run %s at step %d", status, self.step)
-        return TrainResult(self.run_dir, status, self.step, final_loss)
+        return TrainResult(self.run_dir, status, self.step, self.cfg.steps, final_loss)
 
     def fail(self, exc: BaseException) -> None:
         if not self.run_dir.is_dir() or not (self.run_dir / runstate.STATUS_FILE).exists():
