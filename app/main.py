@@ -1,0 +1,23 @@
+"""Rank Studio: the Streamlit entry point. It only routes; the pages live in pages/.
+
+Start it with `streamlit run app/main.py` from the project folder (the workspace is
+$RANK_STUDIO_WORKSPACE, default ./workspace).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run` puts only app/ on sys.path; the project root holds `core` and `app`.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import ui  # noqa: E402
+
+st.set_page_config(page_title="Rank Studio", page_icon=":material/tune:", layout="wide")
+page = st.navigation(ui.nav_pages())
+st.sidebar.caption(f"Workspace: `{ui.workspace()}`")
+page.run()

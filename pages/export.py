@@ -1,0 +1,106 @@
+"""Export: one rank of a run → PEFT adapter (+ merged model) and a rank card; zip download."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import ui
+from core import workspace_data as wd
+from core.errors import UserError
+
+st.title("Export a rank")
+store = ui.store()
+
+
+def finished_export(job) -> None:
+    card = wd.read_export(job.out_dir)
+    if card is None:
+        st.warning("This export has no rank card.")
+        return
+    st.success(f"Rank {card['rank']} of {card['run_id']} exported: a PEFT LoRA adapter"
+               + (" and a merged model" if card.get("merged") else "") + ".", icon=":material/check_circle:")
+    c = st.columns(2)
+    c[0].download_button(
+        "Download adapter + rank card (.zip)", lambda: wd.zip_folder(job.out_dir, include_merged=False),
+        file_name=f"{job.out_dir.name}.zip", mime="application/zip", type="primary",
+        icon=":material/download:", key=f"zip-{job.id}", on_click="ignore")
+    if card.get("merged"):
+        size = sum(v for k, v in card.get("file_sizes", {}).items() if k.startswith("merged"))
+        c[1].download_button(
+            f"Download with the merged model ({size / 2**20:.0f} MB, .zip)", lambda: wd.zip_folder(job.out_dir),
+            file_name=f"{job.out_dir.name}-merged.zip", mime="application/zip", icon=":material/download:",
+            key=f"zip-merged-{job.id}", on_click="ignore")
+    st.markdown("**Load it with PEFT**")
+    st.code(card.get("snippet", ""), language="python")
+    st.caption(f"Folder: `{job.out_dir}`")
+    tab_md, tab_json = st.tabs(["Rank card", "rank_card.json"])
+    with tab_md:
+        st.markdown(card["_markdown"])
+    with tab_json:
+        st.json({k: v for k, v in card.items() if not k.startswith("_")}, expanded=False)
+
+
+def monitor(job_id: int) -> bool:
+    job = store.get(job_id)
+    head = st.columns([4, 2], vertical_alignment="center")
+    head[0].subheader(f"{job.name} · export #{job.id}")
+    head[1].markdown(ui.badge(job.status))
+    if job.status == "queued":
+        st.info(f"Waiting in the queue (position {store.queue_position(job.id)}).", icon=":material/hourglass_top:")
+    elif job.status == "running":
+        st.progress(0.5, text=(store.log_tail(job.id, 1) or "exporting…")[-120:])
+    elif job.status == "completed":
+        finished_export(job)
+    ui.failure_box(job)
+    if not job.active:
+        ui.job_actions(job, "export")
+    return job.active
+
+
+export_job = ui.job_or_none(ui.selected_id("export"), "export")
+if export_job is not None:
+    ui.live(export_job.active, lambda: monitor(export_job.id))
+    st.divider()
+
+st.header("New export")
+runs = ui.usable_runs()
+if not runs:
+    st.info("No trained run yet. Train one first.", icon=":material/info:")
+    st.stop()
+run = ui.pick_job("Training run", runs, "run", "ex-run")
+view = wd.read_run(run.out_dir)
+r_max = view.r_max or 1
+sweeps = [s for s in ui.sweeps_of(run) if (s.out_dir / "summary.csv").is_file()]
+sweep = None
+if sweeps:
+    sweep = ui.pick_job("Numbers for the rank card from sweep", sweeps, "sweep", "ex-sweep")
+rec = wd.read_sweep(sweep.out_dir).recommendation if sweep else None
+wanted = ui.selected_id("rank")
+default = wanted if wanted and 1 <= wanted <= r_max else (rec or {}).get("rank") or r_max
+rank = st.number_input("Rank to export", 1, r_max, value=int(default), key=f"ex-rank-{run.id}-{default}")
+if rec and rec.get("rank"):
+    st.caption(f"Recommended by the sweep: rank **{rec['rank']}** ({rec.get('metric')}, threshold "
+               f"{rec.get('threshold')}).")
+merge = st.checkbox("Also write a merged model (the adapter folded into a full-precision copy of the base)",
+                    key="ex-merge", help="Runs without PEFT, but is as large as the base model.")
+name = st.text_input("Export name", value=f"{run.name}-rank{int(rank)}", max_chars=60, key=f"ex-name-{int(rank)}")
+if sweep is not None and int(rank) not in wd.read_sweep(sweep.out_dir).ranks_done:
+    st.caption(f"The sweep did not measure rank {int(rank)}: the rank card will have no measured numbers.")
+if st.button("Export", type="primary", icon=":material/ios_share:"):
+    try:
+        measured = sweep is not None and int(rank) in wd.read_sweep(sweep.out_dir).ranks_done
+        args = wd.export_args(run.out_dir, int(rank), merge=merge, sweep_dir=sweep.out_dir if measured else None,
+                              r_max=r_max)
+        new = store.submit("export", name or "export", args, parent_id=run.id)
+    except UserError as exc:
+        st.error(str(exc))
+    else:
+        ui.go_to("export", export=new.id, run=run.id, sweep=sweep.id if sweep else None, rank=int(rank))
+
+previous = [j for j in store.list("export") if j.parent_id == run.id and (export_job is None or j.id != export_job.id)]
+if previous:
+    st.subheader("Earlier exports of this run")
+    for j in previous:
+        card = wd.read_export(j.out_dir)
+        what = f"rank {card['rank']}" if card else ui.STATUS_WORDS.get(j.status, j.status)
+        if st.button(f"{j.name} (#{j.id}, {what}, {ui.age(j.created_at)})", key=f"prev-{j.id}"):
+            ui.go_to("export", export=j.id, run=run.id)

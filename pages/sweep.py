@@ -1,0 +1,107 @@
+"""Sweep: measure a finished run at several ranks on evaluation prompts (a CLI job)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from app import ui
+from core import workspace_data as wd
+from core.errors import UserError
+from core.evaluation.recommend import METRICS
+
+st.title("Sweep")
+st.markdown("One trained run serves every rank. The sweep answers your evaluation prompts at each chosen "
+            "rank (rank 0 is the base model without adapter) and measures quality, speed and memory.")
+store = ui.store()
+
+
+def monitor(job_id: int) -> bool:
+    job = store.get(job_id)
+    view = wd.read_sweep(job.out_dir)
+    head = st.columns([4, 2], vertical_alignment="center")
+    head[0].subheader(f"{job.name} · sweep #{job.id}")
+    head[1].markdown(ui.badge(job.status))
+    if job.status == "queued":
+        st.info(f"Waiting in the queue (position {store.queue_position(job.id)}).", icon=":material/hourglass_top:")
+    elif job.status == "running" and not view.total_units:
+        st.progress(0.0, text="loading the model…")
+    else:
+        eta = f" · about {ui.duration(view.eta_s)} left" if job.status == "running" and view.eta_s is not None else ""
+        rank = f"rank {view.current_rank} · " if job.status == "running" and view.current_rank is not None else ""
+        st.progress(view.fraction, text=f"{rank}{view.done_units} of {view.total_units} answers{eta}")
+    if view.ranks_done:
+        st.markdown("Ranks measured: " + ", ".join(f"**{r}**" for r in view.ranks_done))
+    ui.failure_box(job)
+    if view.summary is not None and not job.active:
+        if job.status == "completed":
+            rec = view.recommendation
+            if rec and rec.get("rank"):
+                st.success(f"Recommended rank: **{rec['rank']}**. {rec.get('reason', '')}", icon=":material/star:")
+        if st.button("Compare the ranks →", type="primary", key=f"to-compare-{job.id}"):
+            ui.go_to("compare", sweep=job.id, run=job.parent_id)
+    ui.job_actions(job, "sweep")
+    return job.active
+
+
+sweep_job = ui.job_or_none(ui.selected_id("sweep"), "sweep")
+if sweep_job is None:
+    active = [j for j in store.list("sweep") if j.active]
+    sweep_job = active[0] if active else None
+if sweep_job is not None:
+    ui.live(sweep_job.active, lambda: monitor(sweep_job.id))
+    st.divider()
+
+st.header("New sweep")
+runs = ui.usable_runs()
+if not runs:
+    st.info("No finished training run yet. Train one first.", icon=":material/info:")
+    st.page_link(ui.page_path("train"), label="Go to Train", icon=":material/model_training:")
+    st.stop()
+run = ui.pick_job("Training run", runs, "run", "sw-run")
+view = wd.read_run(run.out_dir)
+r_max = view.r_max or 1
+st.caption(f"Base model {view.base_model} · r_max {r_max} · {view.step} steps trained")
+
+datasets = ui.datasets()
+train_data = str(((view.config or {}).get("train") or {}).get("data", ""))
+own = next((d.id for d in datasets if str(d.train_path.resolve()) == str(Path(train_data).resolve())), None)
+ids = [d.id for d in datasets]
+ds_id = st.selectbox("Evaluation prompts", ids, index=ids.index(own) if own in ids else 0, key="sw-ds",
+                     format_func=lambda i: (lambda d: f"{d.name}: {d.n_eval} prompts"
+                                            + (" (held out from this run's data)" if d.id == own else ""))(
+                         next(d for d in datasets if d.id == i)))
+dataset = wd.get_dataset(ui.workspace(), ds_id)
+ranks = st.multiselect("Ranks to measure (0 = base model)", list(range(0, r_max + 1)),
+                       default=wd.default_sweep_ranks(r_max), key=f"sw-ranks-{run.id}")
+metrics = st.multiselect("Quality metrics", list(METRICS), default=list(METRICS), key="sw-metrics",
+                         format_func=lambda m: METRICS[m].label,
+                         help="; ".join(f"{s.label}: {s.description}" for s in METRICS.values()))
+c = st.columns(3, vertical_alignment="bottom")
+max_prompts = c[0].number_input("Prompts to use", 1, max(1, dataset.n_eval), value=min(20, dataset.n_eval),
+                                key="sw-maxp", help="The first N evaluation prompts; fewer is faster.")
+new_tokens = c[1].number_input("Answer length (tokens)", 1, 1024, value=64, key="sw-tokens")
+latency = c[2].checkbox("Measure speed", value=True, key="sw-latency",
+                        help="Time to first token and ms per token, with the adapter and merged.")
+name = st.text_input("Sweep name", value=f"{run.name}-sweep", max_chars=60, key="sw-name")
+problems = []
+if not ranks:
+    problems.append("Choose at least one rank.")
+elif not any(r > 0 for r in ranks):
+    problems.append("Choose at least one rank above 0 (0 is only the base model).")
+if not metrics:
+    problems.append("Choose at least one quality metric.")
+for p in problems:
+    st.error(p, icon=":material/block:")
+units = len(ranks) * int(max_prompts)
+st.caption(f"{units} answers of up to {new_tokens} tokens will be generated"
+           + (", plus speed measurements." if latency else "."))
+if st.button("Start sweep", type="primary", disabled=bool(problems), icon=":material/play_arrow:"):
+    try:
+        args = wd.sweep_args(run.out_dir, dataset.eval_path, sorted(ranks), max_prompts=int(max_prompts),
+                             max_new_tokens=int(new_tokens), metrics=metrics, latency=latency)
+        new = store.submit("sweep", name or "sweep", args, parent_id=run.id)
+    except UserError as exc:
+        st.error(str(exc))
+    else:
+        ui.go_to("sweep", sweep=new.id, run=run.id)

@@ -1,0 +1,155 @@
+"""Train: the form (presets, estimate before launch) and the live view of a run."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import ui
+from core import workspace_data as wd
+from core.errors import UserError
+from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
+
+st.title("Train")
+store = ui.store()
+
+
+# ---------------------------------------------------------------- live view of one run
+def monitor(job_id: int) -> bool:
+    job = store.get(job_id)
+    view = wd.read_run(job.out_dir)
+    head = st.columns([4, 2], vertical_alignment="center")
+    head[0].subheader(f"{job.name} · run #{job.id}")
+    head[1].markdown(ui.badge(job.status))
+    if job.status == "queued":
+        st.info(f"Waiting in the queue (position {store.queue_position(job.id)}): one heavy job runs at a time.",
+                icon=":material/hourglass_top:")
+    last = view.last
+    if job.status == "running" and view.steps.empty:
+        st.progress(0.0, text=f"{view.phase or 'starting'}…")
+    elif job.status != "queued":
+        eta = f" · about {ui.duration(last.get('eta_s'))} left" if job.status == "running" and last else ""
+        st.progress(view.fraction, text=f"step {view.step} of {view.total_steps or '?'}{eta}")
+    if last:
+        m = st.columns(4)
+        m[0].metric("Loss", f"{last['loss']:.3f}")
+        m[1].metric("Tokens / s", f"{last['tokens_per_s']:.0f}")
+        m[2].metric("Memory", f"{last['mem_mb'] / 1024:.2f} GB")
+        m[3].metric("Elapsed", ui.duration(last.get("elapsed_s")))
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(ui.loss_chart(view.steps), key=f"loss-{job.id}")
+        c2.plotly_chart(ui.histogram_chart(view.histogram, view.r_max), key=f"hist-{job.id}")
+    ui.failure_box(job)
+    if job.status == "completed":
+        st.success("Training finished: every rank from 1 to "
+                   f"{view.r_max} can now be used. Next, measure them on your evaluation prompts.",
+                   icon=":material/check_circle:")
+    if job.status == "cancelled":
+        st.warning("Cancelled; a checkpoint was saved. Resume continues where it stopped.")
+    if ui.has_adapter(job) and not job.active:
+        if st.button("Sweep the ranks of this run →", type="primary", key=f"to-sweep-{job.id}"):
+            ui.go_to("sweep", run=job.id)
+    ui.job_actions(job, "train")
+    return job.active
+
+
+run_id = ui.selected_id("run")
+job = ui.job_or_none(run_id, "train")
+if job is None:
+    active = [j for j in store.list("train") if j.active]
+    job = active[0] if active else None
+if job is not None:
+    ui.live(job.active, lambda: monitor(job.id))
+    st.divider()
+
+# ---------------------------------------------------------------- the form
+PRESET_KEYS = ["quant", "r_max", "alpha", "rank_sampling", "update", "steps", "batch_size", "lr", "max_length"]
+
+
+def apply_preset() -> None:
+    for k, v in wd.PRESETS[st.session_state["preset"]].items():
+        st.session_state[f"f-{k}"] = v
+
+
+if "f-r_max" not in st.session_state:
+    st.session_state["preset"] = next(iter(wd.PRESETS))
+    apply_preset()
+
+with st.expander("Start a new training run", expanded=job is None or not job.active, icon=":material/add:"):
+    st.radio("Preset", list(wd.PRESETS), key="preset", horizontal=True, on_change=apply_preset,
+             help="Fills in the fields below; change any of them afterwards.")
+    datasets = ui.datasets()
+    ids = [d.id for d in datasets]
+    wanted = st.query_params.get("dataset")
+    c = st.columns([3, 3])
+    with c[0]:
+        ds_id = st.selectbox("Dataset", ids, index=ids.index(wanted) if wanted in ids else 0, key="f-dataset",
+                             format_func=lambda i: next(d.describe() for d in datasets if d.id == i))
+        dataset = wd.get_dataset(ui.workspace(), ds_id)
+        st.page_link(ui.page_path("data"), label="Upload your own data", icon=":material/upload:")
+    with c[1]:
+        model_options = ["default", *wd.extra_models(), "folder"]
+        labels = {"default": "SmolLM2-135M-Instruct (bundled default)", "folder": "A local model folder…"}
+        model_choice = st.selectbox("Base model", model_options, key="f-model",
+                                    format_func=lambda m: labels.get(m, f"Local: {m}"))
+        model = model_choice
+        if model_choice == "folder":
+            model = st.text_input("Model folder (holds config.json)", key="f-model-path",
+                                  placeholder="/path/to/a/huggingface/model")
+    c = st.columns(4)
+    quant = c[0].radio("Quantization of the base", ["nf4", "none"], key="f-quant",
+                       format_func=lambda q: {"nf4": "4-bit NF4 (QLoRA)", "none": "none (full precision)"}[q])
+    update = c[1].radio("Update mode", ["full", "frozen"], key="f-update",
+                        format_func=lambda u: {"full": "full (rows 1..b learn)", "frozen": "frozen (only row b)"}[u],
+                        help="DyLoRA's two variants: 'full' trains all active rows each step, 'frozen' only the sampled one.")
+    sampling = c[2].selectbox("Rank sampling", ["uniform", "pow2", "low", "high", "list"], key="f-rank_sampling",
+                              help="How the rank b of each training step is drawn from 1..r_max.")
+    rank_list = ""
+    if sampling == "list":
+        rank_list = c[2].text_input("Ranks to sample", value="1,2,4,8", key="f-rank_list")
+    c = st.columns(4)
+    r_max = c[0].number_input("r_max (largest rank)", 1, 256, key="f-r_max", step=1)
+    alpha = c[1].number_input("α (alpha)", 0.01, 1024.0, key="f-alpha", step=1.0,
+                              help="The adapter is scaled by α / b at rank b.")
+    steps = c[2].number_input("Steps", 1, 100_000, key="f-steps", step=10)
+    batch = c[3].number_input("Batch size", 1, 256, key="f-batch_size", step=1)
+    c = st.columns(4)
+    lr = c[0].number_input("Learning rate", 1e-7, 0.1, key="f-lr", step=1e-4, format="%.5f")
+    max_length = c[1].number_input("Max length (tokens)", 16, 8192, key="f-max_length", step=32)
+    grad_accum = c[2].number_input("Gradient accumulation", 1, 256, value=1, key="f-grad_accum")
+    name = c[3].text_input("Run name", value="run", max_chars=60, key="f-name")
+
+    form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
+                        rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
+                        batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum))
+    problems = wd.train_problems(form)
+
+    # -------- estimate before launch
+    try:
+        cache = None
+        if model == "default":
+            from core.models import DEFAULT_MODEL_NAME, cache_root
+            cache = cache_root() / "models" / DEFAULT_MODEL_NAME
+        shape = model_shape(model, cache) if (model == "default" or not wd.check_model_folder(model)) else None
+    except (ValueError, KeyError, TypeError, OSError):
+        shape = None
+    if shape is not None and not problems:
+        est = estimate_training(shape, quant=quant, r_max=int(r_max), batch_size=int(batch),
+                                max_length=int(max_length), steps=int(steps), grad_accum=int(grad_accum),
+                                tokens_per_example=dataset.tokens_per_example if dataset else None,
+                                rank_sampling=sampling)
+        m = st.columns(4)
+        m[0].metric("Estimated time", ui.duration(est.total_seconds),
+                    help=f"between {ui.duration(est.total_low)} and {ui.duration(est.total_high)}")
+        m[1].metric("Per step", f"{est.seconds_per_step:.2g} s")
+        m[2].metric("Estimated memory", f"{est.memory_mb / 1024:.1f} GB")
+        m[3].metric("Adapter parameters at r_max", f"{est.adapter_params / 1e6:.2f} M")
+        st.caption(f"An estimate, calibrated on a 2-core CPU with the default model. {ACCURACY_NOTE} "
+                   + " ".join(est.notes))
+    for p in problems:
+        st.error(p, icon=":material/block:")
+    if st.button("Start training", type="primary", disabled=bool(problems), icon=":material/play_arrow:"):
+        try:
+            new = store.submit("train", name or "run", wd.train_args(form))
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            ui.go_to("train", run=new.id)

@@ -1,0 +1,248 @@
+"""The real app in headless Chromium: upload data, train, sweep, compare, export, download.
+
+Needs Debian's chromium (`apt-get install -y chromium`; CI installs it) and the
+`playwright` Python package (never `playwright install`). Runs `streamlit run
+app/main.py` on a free localhost port with a temporary workspace and the tiny test
+model offered on the Train page (RANK_STUDIO_EXTRA_MODELS). Screenshots go to
+test-artifacts/screenshots/. Takes one to three minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                      "(apt-get install -y chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_server(tmp_path, tiny_model_dir):
+    pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    ws = tmp_path / "workspace"
+    env = dict(os.environ, RANK_STUDIO_WORKSPACE=str(ws), RANK_STUDIO_EXTRA_MODELS=str(tiny_model_dir),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
+         "--server.address", "localhost", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://localhost:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("streamlit did not start:\n" + (tmp_path / "streamlit.log").read_text())
+            time.sleep(0.3)
+        yield url, ws, tiny_model_dir
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        from core.jobs import JobStore
+
+        if ws.exists():                     # never leave a job running
+            store = JobStore(ws)
+            for job in store.list():
+                if job.active:
+                    store.cancel(job.id, force=True)
+
+
+def _small_upload(path: Path, n: int = 24) -> Path:
+    lines = (ROOT / "sample_data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_whole_flow_in_browser(app_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, ws, tiny = app_server
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    upload = _small_upload(tmp_path / "my support data.jsonl")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        try:
+            _flow(page, url, tiny, upload, tmp_path)
+        except Exception:
+            page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    target = tmp_path / "export.zip"
+    with zipfile.ZipFile(target) as zf:
+        names = {Path(n).name for n in zf.namelist()}
+        card = json.loads(next(zf.read(n) for n in zf.namelist() if n.endswith("rank_card.json")))
+    assert {"adapter_model.safetensors", "adapter_config.json", "rank_card.json", "rank_card.md"} <= names
+    assert "job.log" not in names and card["r_max"] == 4 and 1 <= card["rank"] <= 4
+    assert (ws / "jobs.sqlite").is_file() and list((ws / "uploads" / "datasets").glob("browser-data*"))
+
+
+def _flow(page, url, tiny, upload, tmp_path):
+    """The steps of the dashboard, as a user takes them; screenshots after each."""
+    from playwright.sync_api import expect
+
+    def idle() -> None:
+        """Wait until the script run that the last action started has finished."""
+        page.wait_for_timeout(400)
+        page.wait_for_function(
+            "() => document.querySelector('[data-testid=\"stApp\"]')"
+            "?.getAttribute('data-test-script-state') === 'notRunning'")
+
+    def shot(name: str) -> None:
+        idle()
+        page.wait_for_timeout(800)      # let charts finish drawing
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    def choose(label: str, option: str) -> None:
+        box = page.locator('[data-testid="stSelectbox"]').filter(has=page.get_by_text(label, exact=True))
+        box.click()
+        page.get_by_role("option", name=option).first.click()
+        idle()
+
+    def number(label: str, value) -> None:
+        field = page.get_by_label(label, exact=True)
+        field.fill(str(value))
+        field.press("Enter")
+        idle()
+        expect(field).to_have_value(str(value))
+
+    # 1. Home
+    page.goto(url)
+    expect(page.get_by_role("heading", name="Rank Studio").first).to_be_visible()
+    shot("01-home-empty")
+
+    # 2. Data: upload a JSONL file, hold out 10 %, save
+    page.get_by_role("link", name="1 · Data").click()
+    expect(page.get_by_role("heading", name="Data", exact=True).first).to_be_visible()
+    page.get_by_text("Upload a file").first.click()
+    idle()
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(str(upload))
+    expect(page.get_by_text("24 examples").first).to_be_visible()
+    idle()
+    page.get_by_label("Dataset name", exact=True).fill("browser data")
+    page.get_by_label("Dataset name", exact=True).press("Enter")
+    idle()
+    shot("02-data-upload")
+    idle()
+    page.get_by_role("button", name="Save dataset").first.click()
+    expect(page.get_by_text("Saved browser data").first).to_be_visible()
+    shot("03-data-saved")
+
+    # 3. Train the tiny model for a few steps
+    page.get_by_role("link", name="Train on it →").click()
+    expect(page.get_by_role("heading", name="Train", exact=True).first).to_be_visible()
+    choose("Base model", f"Local: {tiny}")
+    number("r_max (largest rank)", 4)
+    number("Steps", 4)
+    number("Batch size", 2)
+    number("Max length (tokens)", 64)
+    page.get_by_label("Run name", exact=True).fill("browser run")
+    page.get_by_label("Run name", exact=True).press("Enter")
+    idle()
+    expect(page.get_by_text("Estimated time").first).to_be_visible()
+    shot("04-train-form")
+    idle()
+    page.get_by_role("button", name="Start training").first.click()
+    expect(page.get_by_text("browser-run · run #").first).to_be_visible()
+    shot("05a-train-started")
+    expect(page.get_by_text("Training finished").first).to_be_visible(timeout=150_000)
+    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    shot("05-train-finished")
+
+    # 4. Sweep ranks 0, 1, 2, 4 on 2 prompts with short answers, no speed measurement
+    idle()
+    page.get_by_role("button", name="Sweep the ranks of this run →").first.click()
+    expect(page.get_by_role("heading", name="Sweep", exact=True).first).to_be_visible()
+    number("Prompts to use", 2)
+    number("Answer length (tokens)", 8)
+    page.get_by_text("Measure speed").first.click()     # speed is measured in the AppTests; keep this fast
+    idle()
+    shot("06-sweep-form")
+    idle()
+    page.get_by_role("button", name="Start sweep").first.click()
+    expect(page.get_by_text("browser-run-sweep · sweep #").first).to_be_visible()
+    shot("06a-sweep-started")
+    expect(page.get_by_role("button", name="Compare the ranks →").first).to_be_visible(timeout=180_000)
+    shot("07-sweep-finished")
+
+    # 5. Compare: charts, a threshold change, answers side by side
+    idle()
+    page.get_by_role("button", name="Compare the ranks →").first.click()
+    expect(page.get_by_text("Recommended rank").first).to_be_visible()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    shot("08-compare")
+    page.get_by_role("tab", name="Speed").click()
+    expect(page.get_by_text("did not measure speed").first).to_be_visible()
+    page.get_by_role("tab", name="Memory").click()
+    shot("10-compare-memory")
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(10):
+        slider.press("ArrowLeft")
+    page.wait_for_timeout(1500)
+    shot("11-compare-threshold-0.85")
+
+    # 6. Export the recommended rank (pre-filled) or, with none, rank 2; download the zip
+    heading = page.get_by_text("Recommended rank:").first.inner_text()
+    recommended = int(heading.split(":")[1].split()[0]) if "Recommended rank:" in heading else None
+    if recommended:
+        idle()
+        page.get_by_role("button", name=f"Export rank {recommended}").first.click()
+    else:
+        page.get_by_role("link", name="Export").first.click()
+    expect(page.get_by_role("heading", name="Export a rank").first).to_be_visible()
+    idle()
+    if recommended:
+        expect(page.get_by_label("Rank to export", exact=True)).to_have_value(str(recommended))
+    else:
+        number("Rank to export", 2)
+    page.get_by_role("button", name="Export", exact=True).first.click()
+    download_button = page.get_by_role("button", name="Download adapter + rank card (.zip)").first
+    expect(download_button).to_be_visible(timeout=120_000)
+    shot("12-export")
+    with page.expect_download() as info:
+        download_button.click()
+    target = tmp_path / "export.zip"
+    info.value.save_as(target)
+
+    # 7. Home lists all three jobs
+    page.get_by_role("link", name="Runs").first.click()
+    expect(page.get_by_text("browser-run").first).to_be_visible()
+    shot("13-home-jobs")
