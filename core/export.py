@@ -10,12 +10,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core import runstate
+from core.config_io import ConfigDict
 from core.errors import UserError
 from core.models import compute_dtype_for, dtype_from_name, pick_device
 from core.qdylora import lora_scale
@@ -28,7 +29,7 @@ MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(ConfigDict):
     run: str = field(metadata={"help": "Run folder to export from."})
     rank: int = field(metadata={"help": "Rank b to export (1..r_max)."})
     out: str = field(metadata={"help": "Export folder to create (must be missing or empty)."})
@@ -39,9 +40,6 @@ class ExportConfig:
     def __post_init__(self):
         if self.merge_dtype not in MERGE_DTYPES:
             raise UserError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {self.merge_dtype!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def peft_state_dict(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -85,7 +83,7 @@ def rank_card_markdown(card: dict) -> str:
         f"- Trained with quantization: {card['base_model']['quant']}, compute dtype {card['base_model']['compute_dtype']}",
         f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale alpha/b = {card['scale']:.4g}",
         f"- Trainable parameters at this rank: {card['adapter_params']:,}",
-        f"- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
+        "- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
     ]
     measured = card.get("measured")
     if measured:

@@ -8,8 +8,10 @@ still exists and reports "died" when it does not.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import traceback
 from pathlib import Path
 
 import psutil
@@ -67,6 +69,43 @@ def read_status(folder: Path) -> dict | None:
         data["status"] = "died"
         data.setdefault("error", "the process stopped without saying why (killed or crashed); resume continues from the last checkpoint")
     return data
+
+
+def attach_log(folder: Path, filename: str) -> logging.Handler:
+    """Send the project's log records to a file in the job folder (tracebacks included)."""
+    handler = logging.FileHandler(Path(folder) / filename, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("rank_studio")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def detach_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("rank_studio").removeHandler(handler)
+        handler.close()
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A label for people; the traceback goes to the log."""
+    from core.errors import UserError
+
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "out of memory: lower batch size or max length, use nf4, or enable gradient checkpointing"
+    if isinstance(exc, UserError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def record_failure(folder: Path, exc: BaseException, **fields) -> None:
+    """Mark a started job failed (status + end event), with its traceback in the log."""
+    if not (Path(folder) / STATUS_FILE).exists():
+        return  # nothing was started: the error itself is the whole story
+    message = describe_failure(exc)
+    logging.getLogger("rank_studio").error("failed: %s\n%s", message, traceback.format_exc())
+    write_status(folder, "failed", error=message, **fields)
+    append_event(folder, {"event": "end", "status": "failed", "error": message, "time": time.time()})
 
 
 def append_event(folder: Path, event: dict) -> None:

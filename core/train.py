@@ -11,14 +11,14 @@ import logging
 import math
 import platform
 import time
-import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from core import runstate
+from core.config_io import ConfigDict
 from core.errors import RunError, UserError
 from core.models import ModelSpec, load_base_model, resolve_model_path
 from core.prompting import EncodedExample, collate, encode_example
@@ -33,7 +33,7 @@ log = logging.getLogger("rank_studio.train")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Everything that decides a training run; saved resolved into the run folder."""
 
     data: str = field(metadata={"help": "Training data: JSONL (prompt/response or messages) or CSV."})
@@ -98,14 +98,6 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(name_or_path=self.model, quant=self.quant, device=self.device)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -290,7 +282,7 @@ class Trainer:
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         resolve_model_path(self.cfg.model)  # an unknown model must fail before a run folder exists
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._start_log()
+        self._log_handler = runstate.attach_log(self.run_dir, "train.log")
         runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
         torch.manual_seed(self.cfg.seed)
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
@@ -320,12 +312,6 @@ class Trainer:
                 "adapted_modules": self.adapted, "versions": _versions(), "created_at": time.time(),
             })
         self.data_report = report
-
-    def _start_log(self) -> None:
-        self._log_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("rank_studio").addHandler(self._log_handler)
-        logging.getLogger("rank_studio").setLevel(logging.INFO)
 
     def _emit(self, event: dict) -> None:
         event.setdefault("time", time.time())
@@ -411,25 +397,10 @@ class Trainer:
         return TrainResult(self.run_dir, status, self.step, self.cfg.steps, final_loss)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.run_dir.is_dir() or not (self.run_dir / runstate.STATUS_FILE).exists():
-            return
-        message = describe_failure(exc)
-        log.error("run failed: %s\n%s", message, traceback.format_exc())
-        runstate.write_status(self.run_dir, "failed", step=self.step, total_steps=self.cfg.steps, error=message)
-        runstate.append_event(self.run_dir, {"event": "end", "status": "failed", "error": message, "time": time.time()})
+        runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
 
     def cleanup(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger("rank_studio").removeHandler(self._log_handler)
-            self._log_handler.close()
-
-
-def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return "out of memory: lower batch size or max length, use nf4, or enable gradient checkpointing"
-    if isinstance(exc, UserError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        runstate.detach_log(self._log_handler)
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_event=None, should_stop=None) -> TrainResult:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.qdylora import QDyLoRAConfig, RankSampler, inject_qdylora, lora_scale, qdylora_layers, set_rank, get_rank
+from core.qdylora import QDyLoRAConfig, RankSampler, get_rank, inject_qdylora, lora_scale, set_rank
 from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_state_dict, find_target_modules
 from core.qdylora.layer import DynamicRankLoRALinear
 from core.qdylora.sampling import candidate_ranks

@@ -116,3 +116,18 @@ def test_lr_schedules():
     assert linear(0) == 1.0 and linear(50) == pytest.approx(0.5)
     cosine = lr_lambda("cosine", 100, 0)
     assert cosine(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_crash_mid_run_is_recorded_as_failed_with_the_traceback_in_the_log(tiny_model_dir, small_train_file, tmp_path, monkeypatch):
+    from core.train import Trainer
+
+    def explode(self, rank):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(Trainer, "train_step", explode)
+    with pytest.raises(RuntimeError):
+        train(tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run"))
+    status = runstate.read_status(tmp_path / "run")
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: simulated kernel failure"
+    assert "Traceback" in (tmp_path / "run" / "train.log").read_text()
+    assert runstate.read_events(tmp_path / "run")[-1]["status"] == "failed"

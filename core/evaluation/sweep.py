@@ -12,15 +12,15 @@ import math
 import re
 import statistics
 import time
-import traceback
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from core import runstate
+from core.config_io import ConfigDict
 from core.errors import UserError
 from core.models import model_footprint_bytes
 from core.prompting import collate, encode_example, token_nll
@@ -68,7 +68,7 @@ def parse_ranks(text: str | list | None, r_max: int) -> list[int]:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(ConfigDict):
     """Everything that decides a sweep; saved resolved in the sweep folder."""
 
     run: str = field(metadata={"help": "Training run folder to evaluate."})
@@ -122,14 +122,6 @@ class SweepConfig:
             latency_repeats=args.latency_repeats, recommend_metric=args.recommend_metric,
             threshold=args.threshold, seed=args.seed,
         )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SweepConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -391,9 +383,7 @@ class Sweep:
         from core.runs import load_run
 
         self.out.mkdir(parents=True, exist_ok=True)
-        self._log_handler = logging.FileHandler(self.out / "sweep.log", encoding="utf-8")
-        logging.getLogger("rank_studio").addHandler(self._log_handler)
-        logging.getLogger("rank_studio").setLevel(logging.INFO)
+        self._log_handler = runstate.attach_log(self.out, "sweep.log")
         runstate.write_json_atomic(self.out / "config.json", {"config": self.cfg.to_dict(), "created_at": time.time()})
         runstate.write_status(self.out, "running", phase="loading model", ranks=self.ranks)
         self.notes: list[str] = []
@@ -519,19 +509,10 @@ class Sweep:
         return SweepResult(self.out, status, sorted(self.results), recommendation, message)
 
     def fail(self, exc: BaseException) -> None:
-        if not (self.out / runstate.STATUS_FILE).exists():
-            return
-        from core.train import describe_failure
-
-        message = describe_failure(exc)
-        log.error("sweep failed: %s\n%s", message, traceback.format_exc())
-        runstate.write_status(self.out, "failed", error=message)
-        runstate.append_event(self.out, {"event": "end", "status": "failed", "error": message, "time": time.time()})
+        runstate.record_failure(self.out, exc)
 
     def cleanup(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger("rank_studio").removeHandler(self._log_handler)
-            self._log_handler.close()
+        runstate.detach_log(self._log_handler)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None) -> SweepResult:

@@ -1,14 +1,16 @@
 """Configuration of the QDyLoRA method (what is adapted, how ranks are drawn)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+
+from core.config_io import ConfigDict
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
 
 
 @dataclass
-class QDyLoRAConfig:
+class QDyLoRAConfig(ConfigDict):
     r_max: int = field(default=64, metadata={"help": "Largest rank trained; one run serves every rank 1..r_max."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the adapter is scaled by alpha/b at active rank b."})
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input during training (0 disables)."})
@@ -47,14 +49,6 @@ class QDyLoRAConfig:
             problems.append("target_modules must be None (all linear layers) or a non-empty list")
         if problems:
             raise ValueError("; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "QDyLoRAConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def lora_scale(alpha: float, rank: int) -> float:
