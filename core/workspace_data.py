@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -387,6 +387,14 @@ PRESETS = {
     "Standard": dict(quant="nf4", r_max=64, alpha=16.0, rank_sampling="uniform", update="full",
                      steps=300, batch_size=4, lr=2e-4, max_length=512),
 }
+
+
+def train_form_defaults(preset: str | None = None) -> dict:
+    """The Train page's field values before the user changes anything: a preset's
+    values (the first preset by default) plus the fields that presets leave alone."""
+    preset = preset if preset in PRESETS else next(iter(PRESETS))
+    return dict(preset=preset, dataset=None, model="default", model_path="", rank_list="1,2,4,8",
+                grad_accum=1, name="run", **PRESETS[preset])
 
 
 @dataclass

@@ -61,61 +61,101 @@ if job is not None:
     st.divider()
 
 # ---------------------------------------------------------------- the form
-PRESET_KEYS = ["quant", "r_max", "alpha", "rank_sampling", "update", "steps", "batch_size", "lr", "max_length"]
+# The field values live in st.session_state["train_form"], a plain dict no widget owns:
+# Streamlit never drops it on a page switch and the browser never writes it. Each widget
+# gets its value through value=/index= and a key that code never writes, and what it
+# returns is copied back. (Writing presets into widget keys reached the browser only as a
+# one-shot "set value" of one script run; when the browser sent a rerun before mounting
+# that run's widgets, later runs carried only the widget default, min_value, which the
+# browser showed and sent back: α 0.01 and lr 1e-7 in the launched job.) Choosing a
+# preset moves the preset fields to new keys, so the browser mounts fresh widgets that
+# start at the preset's values.
+FORM = "train_form"
+GEN = "train_form_gen"
+if FORM not in st.session_state:
+    st.session_state[FORM] = wd.train_form_defaults()
+st.session_state.setdefault(GEN, 0)
+values: dict = st.session_state[FORM]
+
+
+def field_key(name: str) -> str:
+    """The widget key of a field; the preset fields' keys change with each preset chosen."""
+    return f"f-{name}-{st.session_state[GEN]}" if name in wd.PRESETS[values["preset"]] else f"f-{name}"
 
 
 def apply_preset() -> None:
-    for k, v in wd.PRESETS[st.session_state["preset"]].items():
-        st.session_state[f"f-{k}"] = v
+    preset = st.session_state["preset"]
+    values.update(preset=preset, **wd.PRESETS[preset])
+    st.session_state[GEN] += 1
 
 
-if "f-r_max" not in st.session_state:
-    st.session_state["preset"] = next(iter(wd.PRESETS))
-    apply_preset()
+def keep(name: str, value):
+    """Remember what a widget shows (the preset's value or what the user typed)."""
+    values[name] = value
+    return value
+
 
 with st.expander("Start a new training run", expanded=job is None or not job.active, icon=":material/add:"):
-    st.radio("Preset", list(wd.PRESETS), key="preset", horizontal=True, on_change=apply_preset,
-             help="Fills in the fields below; change any of them afterwards.")
+    presets = list(wd.PRESETS)
+    st.radio("Preset", presets, index=presets.index(values["preset"]), key="preset", horizontal=True,
+             on_change=apply_preset, help="Fills in the fields below; change any of them afterwards.")
     datasets = ui.datasets()
     ids = [d.id for d in datasets]
-    wanted = st.query_params.get("dataset")
+    wanted = st.query_params.get("dataset")     # "Train on it →" from the Data page
+    if wanted not in ids:
+        wanted = values["dataset"]
     c = st.columns([3, 3])
     with c[0]:
-        ds_id = st.selectbox("Dataset", ids, index=ids.index(wanted) if wanted in ids else 0, key="f-dataset",
-                             format_func=lambda i: next(d.describe() for d in datasets if d.id == i))
+        ds_id = keep("dataset", st.selectbox(
+            "Dataset", ids, index=ids.index(wanted) if wanted in ids else 0, key="f-dataset",
+            format_func=lambda i: next(d.describe() for d in datasets if d.id == i)))
         dataset = wd.get_dataset(ui.workspace(), ds_id)
         st.page_link(ui.page_path("data"), label="Upload your own data", icon=":material/upload:")
     with c[1]:
         model_options = ["default", *wd.extra_models(), "folder"]
         labels = {"default": "SmolLM2-135M-Instruct (bundled default)", "folder": "A local model folder…"}
-        model_choice = st.selectbox("Base model", model_options, key="f-model",
-                                    format_func=lambda m: labels.get(m, f"Local: {m}"))
+        model_choice = keep("model", st.selectbox(
+            "Base model", model_options, key="f-model", format_func=lambda m: labels.get(m, f"Local: {m}"),
+            index=model_options.index(values["model"]) if values["model"] in model_options else 0))
         model = model_choice
         if model_choice == "folder":
-            model = st.text_input("Model folder (holds config.json)", key="f-model-path",
-                                  placeholder="/path/to/a/huggingface/model")
+            model = keep("model_path", st.text_input("Model folder (holds config.json)", value=values["model_path"],
+                                                     key="f-model-path",
+                                                     placeholder="/path/to/a/huggingface/model"))
     c = st.columns(4)
-    quant = c[0].radio("Quantization of the base", ["nf4", "none"], key="f-quant",
-                       format_func=lambda q: {"nf4": "4-bit NF4 (QLoRA)", "none": "none (full precision)"}[q])
-    update = c[1].radio("Update mode", ["full", "frozen"], key="f-update",
-                        format_func=lambda u: {"full": "full (rows 1..b learn)", "frozen": "frozen (only row b)"}[u],
-                        help="DyLoRA's two variants: 'full' trains all active rows each step, 'frozen' only the sampled one.")
-    sampling = c[2].selectbox("Rank sampling", ["uniform", "pow2", "low", "high", "list"], key="f-rank_sampling",
-                              help="How the rank b of each training step is drawn from 1..r_max.")
+    quants, updates, samplings = ["nf4", "none"], ["full", "frozen"], ["uniform", "pow2", "low", "high", "list"]
+    quant = keep("quant", c[0].radio(
+        "Quantization of the base", quants, index=quants.index(values["quant"]), key=field_key("quant"),
+        format_func=lambda q: {"nf4": "4-bit NF4 (QLoRA)", "none": "none (full precision)"}[q]))
+    update = keep("update", c[1].radio(
+        "Update mode", updates, index=updates.index(values["update"]), key=field_key("update"),
+        format_func=lambda u: {"full": "full (rows 1..b learn)", "frozen": "frozen (only row b)"}[u],
+        help="DyLoRA's two variants: 'full' trains all active rows each step, 'frozen' only the sampled one."))
+    sampling = keep("rank_sampling", c[2].selectbox(
+        "Rank sampling", samplings, index=samplings.index(values["rank_sampling"]), key=field_key("rank_sampling"),
+        help="How the rank b of each training step is drawn from 1..r_max."))
     rank_list = ""
     if sampling == "list":
-        rank_list = c[2].text_input("Ranks to sample", value="1,2,4,8", key="f-rank_list")
+        rank_list = keep("rank_list", c[2].text_input("Ranks to sample", value=values["rank_list"],
+                                                      key="f-rank_list"))
     c = st.columns(4)
-    r_max = c[0].number_input("r_max (largest rank)", 1, 256, key="f-r_max", step=1)
-    alpha = c[1].number_input("α (alpha)", 0.01, 1024.0, key="f-alpha", step=1.0,
-                              help="The adapter is scaled by α / b at rank b.")
-    steps = c[2].number_input("Steps", 1, 100_000, key="f-steps", step=10)
-    batch = c[3].number_input("Batch size", 1, 256, key="f-batch_size", step=1)
+    r_max = keep("r_max", c[0].number_input("r_max (largest rank)", 1, 256, int(values["r_max"]),
+                                            key=field_key("r_max"), step=1))
+    alpha = keep("alpha", c[1].number_input("α (alpha)", 0.01, 1024.0, float(values["alpha"]),
+                                            key=field_key("alpha"), step=1.0,
+                                            help="The adapter is scaled by α / b at rank b."))
+    steps = keep("steps", c[2].number_input("Steps", 1, 100_000, int(values["steps"]), key=field_key("steps"),
+                                            step=10))
+    batch = keep("batch_size", c[3].number_input("Batch size", 1, 256, int(values["batch_size"]),
+                                                 key=field_key("batch_size"), step=1))
     c = st.columns(4)
-    lr = c[0].number_input("Learning rate", 1e-7, 0.1, key="f-lr", step=1e-4, format="%.5f")
-    max_length = c[1].number_input("Max length (tokens)", 16, 8192, key="f-max_length", step=32)
-    grad_accum = c[2].number_input("Gradient accumulation", 1, 256, value=1, key="f-grad_accum")
-    name = c[3].text_input("Run name", value="run", max_chars=60, key="f-name")
+    lr = keep("lr", c[0].number_input("Learning rate", 1e-7, 0.1, float(values["lr"]), key=field_key("lr"),
+                                      step=1e-4, format="%.5f"))
+    max_length = keep("max_length", c[1].number_input("Max length (tokens)", 16, 8192, int(values["max_length"]),
+                                                      key=field_key("max_length"), step=32))
+    grad_accum = keep("grad_accum", c[2].number_input("Gradient accumulation", 1, 256, int(values["grad_accum"]),
+                                                      key="f-grad_accum"))
+    name = keep("name", c[3].text_input("Run name", value=values["name"], max_chars=60, key="f-name"))
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),

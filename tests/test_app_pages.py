@@ -183,6 +183,13 @@ def texts(at) -> str:
     return "\n".join(str(p) for p in parts)
 
 
+def field(widgets, label: str):
+    """The widget with this label (the Train page's preset fields change keys with each preset)."""
+    matches = [w for w in widgets if w.label == label]
+    assert len(matches) == 1, f"no single widget {label!r}; labels: {[w.label for w in widgets]}"
+    return matches[0]
+
+
 def button(at, label: str):
     matches = [b for b in at.button if b.label == label]
     assert matches, f"no button {label!r}; buttons: {[b.label for b in at.button]}"
@@ -270,15 +277,48 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert any(m.label == "Estimated time" for m in at.metric)
     assert not at.error
     at.radio(key="preset").set_value("Standard").run()
-    assert at.number_input(key="f-r_max").value == 64
-    at.number_input(key="f-steps").set_value(7).run()
+    assert field(at.number_input, "r_max (largest rank)").value == 64
+    field(at.number_input, "Steps").set_value(7).run()
     button(at, "Start training").click().run()
     sub = workspace.submitted[-1]
     assert sub["kind"] == "train"
     args = sub["args"]
     assert args[args.index("--r-max") + 1] == "64" and args[args.index("--steps") + 1] == "7"
+    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
+
+
+def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switches(workspace):
+    """α and the learning rate are never typed here; they must stay the preset's, not
+    fall to the widgets' min_value, and typed values must survive leaving the page."""
+    at = app("train")
+
+    def shown() -> dict:
+        return {label: field(at.number_input, label).value
+                for label in ["r_max (largest rank)", "α (alpha)", "Learning rate", "Steps"]}
+
+    quick = {"r_max (largest rank)": 16, "α (alpha)": 16.0, "Learning rate": 3e-4, "Steps": 40}
+    assert shown() == quick
+    field(at.number_input, "Steps").set_value(4).run()
+    assert shown() == {**quick, "Steps": 4}
+    at.switch_page("../pages/data.py").run()
+    at.switch_page("../pages/train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert shown() == {**quick, "Steps": 4}
+    at.radio(key="preset").set_value("Standard").run()
+    standard = {"r_max (largest rank)": 64, "α (alpha)": 16.0, "Learning rate": 2e-4, "Steps": 300}
+    assert shown() == standard
+    field(at.number_input, "r_max (largest rank)").set_value(8).run()
+    at.switch_page("../pages/home.py").run()
+    at.switch_page("../pages/train.py").run()
+    assert at.radio(key="preset").value == "Standard"
+    assert shown() == {**standard, "r_max (largest rank)": 8}
+    assert not at.warning, [w.value for w in at.warning]
+    button(at, "Start training").click().run()
+    args = workspace.submitted[-1]["args"]
+    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
+    assert args[args.index("--r-max") + 1] == "8" and args[args.index("--steps") + 1] == "300"
 
 
 def test_train_page_refuses_bad_values_before_launch(workspace, tmp_path):
@@ -291,7 +331,7 @@ def test_train_page_refuses_bad_values_before_launch(workspace, tmp_path):
     at.text_input(key="f-model-path").set_value(str(tmp_path / "empty-model")).run()
     assert any("no config.json" in e.value for e in at.error)
     at.selectbox(key="f-model").set_value("default").run()
-    at.selectbox(key="f-rank_sampling").set_value("list").run()
+    field(at.selectbox, "Rank sampling").set_value("list").run()
     at.text_input(key="f-rank_list").set_value("1,99").run()
     assert any("rank_list entries" in e.value.lower() for e in at.error)
     assert button(at, "Start training").disabled

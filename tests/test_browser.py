@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,6 +88,51 @@ def _small_upload(path: Path, n: int = 24) -> Path:
     return path
 
 
+class HoldForm:
+    """Holds back the server's messages to the browser from the first number input on,
+    until release(). Clicking meanwhile sends a rerun from a browser that has not mounted
+    the number inputs of the script run it interrupts: the timing (a click during a
+    page's first run, a slow browser) that once left α and the learning rate at their
+    min_value. Everything else passes straight through."""
+
+    def __init__(self, page) -> None:
+        self.armed = self.holding = False
+        self.held: list = []
+        self.browser_side = None
+        page.route_web_socket(re.compile(r".*/_stcore/stream.*"), self._route)
+
+    @staticmethod
+    def _is_number_input(message) -> bool:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        if isinstance(message, str):
+            return False
+        msg = ForwardMsg()
+        msg.ParseFromString(message)
+        return msg.WhichOneof("type") == "delta" and msg.delta.new_element.WhichOneof("type") == "number_input"
+
+    def _route(self, ws) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(server.send)
+
+        def from_server(message) -> None:
+            if self.armed and not self.holding and self._is_number_input(message):
+                self.holding, self.browser_side = True, ws
+            if self.holding:
+                self.held.append(message)
+            else:
+                ws.send(message)
+        server.on_message(from_server)
+
+    def release(self) -> int:
+        n = len(self.held)
+        self.armed = False
+        while self.held:                 # still holding: whatever arrives meanwhile queues behind
+            self.browser_side.send(self.held.pop(0))
+        self.holding = False
+        return n
+
+
 def test_whole_flow_in_browser(app_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -98,8 +144,9 @@ def test_whole_flow_in_browser(app_server, tmp_path):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         page.set_default_timeout(60_000)
+        hold = HoldForm(page)
         try:
-            _flow(page, url, tiny, upload, tmp_path)
+            _flow(page, url, ws, tiny, upload, tmp_path, hold)
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
             raise
@@ -114,7 +161,7 @@ def test_whole_flow_in_browser(app_server, tmp_path):
     assert (ws / "jobs.sqlite").is_file() and list((ws / "uploads" / "datasets").glob("browser-data*"))
 
 
-def _flow(page, url, tiny, upload, tmp_path):
+def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     """The steps of the dashboard, as a user takes them; screenshots after each."""
     from playwright.sync_api import expect
 
@@ -129,12 +176,6 @@ def _flow(page, url, tiny, upload, tmp_path):
         idle()
         page.wait_for_timeout(800)      # let charts finish drawing
         page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-    def choose(label: str, option: str) -> None:
-        box = page.locator('[data-testid="stSelectbox"]').filter(has=page.get_by_text(label, exact=True))
-        box.click()
-        page.get_by_role("option", name=option).first.click()
-        idle()
 
     def number(label: str, value) -> None:
         field = page.get_by_label(label, exact=True)
@@ -165,10 +206,23 @@ def _flow(page, url, tiny, upload, tmp_path):
     expect(page.get_by_text("Saved browser data").first).to_be_visible()
     shot("03-data-saved")
 
-    # 3. Train the tiny model for a few steps
+    # 3. Train the tiny model for a few steps. The base model is chosen while the browser
+    #    has not yet received the form's number inputs (see HoldForm); α and the learning
+    #    rate are left at the preset's values and must reach the job as they are.
+    hold.armed = True
     page.get_by_role("link", name="Train on it →").click()
     expect(page.get_by_role("heading", name="Train", exact=True).first).to_be_visible()
-    choose("Base model", f"Local: {tiny}")
+    deadline = time.time() + 60
+    while not hold.holding and time.time() < deadline:
+        page.wait_for_timeout(50)
+    assert hold.holding, "the Train page never sent its number inputs"
+    page.locator('[data-testid="stSelectbox"]').filter(has=page.get_by_text("Base model", exact=True)).click()
+    page.get_by_role("option", name=f"Local: {tiny}").first.click()
+    page.wait_for_timeout(1000)
+    assert hold.release() > 0
+    idle()
+    expect(page.get_by_label("α (alpha)", exact=True)).to_have_value("16.00")
+    expect(page.get_by_label("Learning rate", exact=True)).to_have_value("0.00030")
     number("r_max (largest rank)", 4)
     number("Steps", 4)
     number("Batch size", 2)
@@ -181,6 +235,15 @@ def _flow(page, url, tiny, upload, tmp_path):
     idle()
     page.get_by_role("button", name="Start training").first.click()
     expect(page.get_by_text("browser-run · run #").first).to_be_visible()
+    from core.jobs import JobStore
+    from core.workspace_data import PRESETS
+
+    argv = JobStore(ws).list(kind="train")[0].argv
+    preset = PRESETS["Quick demo (CPU, ~5 min)"]    # the page's first preset, left selected
+    assert argv[argv.index("--alpha") + 1] == str(preset["alpha"]) == "16.0", argv
+    assert argv[argv.index("--lr") + 1] == str(preset["lr"]) == "0.0003", argv
+    assert argv[argv.index("--r-max") + 1] == "4" and argv[argv.index("--steps") + 1] == "4", argv
+    assert argv[argv.index("--batch-size") + 1] == "2" and argv[argv.index("--max-length") + 1] == "64", argv
     shot("05a-train-started")
     expect(page.get_by_text("Training finished").first).to_be_visible(timeout=150_000)
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
