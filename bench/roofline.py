@@ -1,0 +1,143 @@
+"""How close training gets to this machine's matmul speed.
+
+Measured side by side in rounds (one round = a float32 matmul burst, one NF4 training
+step, one float32 training step, all on the default model):
+
+- matmul GFLOP/s: median time of float32 n x n matmuls (n = 2048), 2 n^3 FLOPs each;
+- training tokens/s: core.train.Trainer.train_step at b = r_max (16) on the run's first
+  micro-batch (batch 4, max length 256); tokens = batch x padded width ("processed",
+  what the hardware computes) and non-pad tokens ("useful", what train.py logs).
+
+The bound (precisely):
+
+    FLOPs per token = 4 * N_mm + 6 * P_adapter(r_max)
+
+    N_mm      = weights that take part in a matmul per token: every block linear
+                (in x out) plus the output head (hidden x vocab); the embedding lookup
+                and norms are not matmuls. Forward costs 2 * N_mm; the backward pass
+                needs input gradients through every frozen weight (2 * N_mm) but no
+                weight gradients for them.
+    P_adapter = adapter parameters at rank r_max (forward 2P, input grad 2P, weight grad 2P).
+
+    bound tokens/s = matmul GFLOP/s * 1e9 / FLOPs per token.
+
+Not counted: attention score/value products (~12 * layers * hidden * T per token with
+full T x T matrices; reported separately as attention_flops_per_token), NF4
+dequantization, softmax, norms, activations, the optimizer. Fraction = measured / bound.
+
+    .venv/bin/python bench/roofline.py [--quick] [--rounds N]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+from core.qdylora import qdylora_layers  # noqa: E402
+from core.qdylora.inject import adapter_param_count  # noqa: E402
+from core.train import TrainConfig, Trainer  # noqa: E402
+
+
+def matmul_gflops(n: int, reps: int, device: str) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    times = []
+    for _ in range(reps):
+        with common.Timer() as t:
+            a @ b
+        times.append(t.s)
+    return 2 * n**3 / common.med(times) / 1e9
+
+
+def flop_model(model, r_max: int, width: int) -> dict:
+    layers = qdylora_layers(model)
+    n_blocks = sum(layer.in_features * layer.out_features for layer in layers.values())
+    head = model.get_output_embeddings().weight
+    n_head = head.shape[0] * head.shape[1]
+    n_mm = n_blocks + n_head
+    p_adapter = adapter_param_count(model, r_max)
+    per_token = 4 * n_mm + 6 * p_adapter
+    cfg = model.config
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * width
+    return {"n_block_linear_weights": n_blocks, "n_head_weights": n_head, "n_mm": n_mm, "p_adapter_rmax": p_adapter,
+            "flops_per_token": per_token, "attention_flops_per_token": attention,
+            "attention_share_of_bound": attention / per_token}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, max length 64")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--matmul-reps", type=int, default=5)
+    p.add_argument("--r-max", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.max_length, args.matmul_reps = 1, 64, 3
+    info = common.machine_info()
+    print(info)
+    dev = common.device()
+    trainers = {}
+    for quant in ("nf4", "none"):
+        out = common.TMP / f"roofline_{quant}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), quant=quant, r_max=args.r_max,
+                          batch_size=args.batch_size, max_length=args.max_length, steps=10_000, seed=42)
+        tr = Trainer(cfg)
+        tr.setup()
+        trainers[quant] = tr
+    batch = trainers["nf4"]._micro_batch(0)
+    width = int(batch["input_ids"].shape[1])
+    processed = int(batch["input_ids"].numel())
+    useful = int(batch["attention_mask"].sum())
+    flops = flop_model(trainers["nf4"].model, args.r_max, width)
+    print(f"N_mm = {flops['n_mm'] / 1e6:.1f} M, adapter params at r_max = {flops['p_adapter_rmax'] / 1e6:.2f} M, "
+          f"FLOPs/token = {flops['flops_per_token'] / 1e9:.3f} GFLOP; batch {args.batch_size} x {width} "
+          f"({useful} non-pad tokens)")
+    for tr in trainers.values():  # warm-up
+        tr.train_step(args.r_max)
+    rounds = []
+    for r in range(args.rounds):
+        row = {"gflops": matmul_gflops(args.n, args.matmul_reps, dev)}
+        order = ["nf4", "none"] if r % 2 == 0 else ["none", "nf4"]
+        for quant in order:
+            with common.Timer() as t:
+                trainers[quant].train_step(args.r_max)
+            row[f"{quant}_step_s"] = t.s
+        row["gflops_after"] = matmul_gflops(args.n, args.matmul_reps, dev)
+        gf = (row["gflops"] + row["gflops_after"]) / 2
+        bound = gf * 1e9 / flops["flops_per_token"]
+        row["bound_tokens_per_s"] = bound
+        for quant in ("nf4", "none"):
+            row[f"{quant}_tokens_per_s"] = processed / row[f"{quant}_step_s"]
+            row[f"{quant}_useful_tokens_per_s"] = useful / row[f"{quant}_step_s"]
+            row[f"{quant}_fraction"] = row[f"{quant}_tokens_per_s"] / bound
+            row[f"{quant}_useful_fraction"] = row[f"{quant}_useful_tokens_per_s"] / bound
+        row["loadavg"] = common.loadavg()
+        rounds.append(row)
+        common.log(f"round {r + 1}: matmul {gf:.1f} GFLOP/s, bound {bound:.0f} tok/s; NF4 {row['nf4_tokens_per_s']:.0f} tok/s "
+                   f"({row['nf4_fraction']:.1%}), float32 {row['none_tokens_per_s']:.0f} tok/s ({row['none_fraction']:.1%})")
+    summary = {k: common.describe([r[k] for r in rounds]) for k in rounds[0] if k != "loadavg"}
+    print(f"matmul {summary['gflops']['median']:.1f} GFLOP/s (median); bound {summary['bound_tokens_per_s']['median']:.0f} tokens/s; "
+          f"NF4 {summary['nf4_tokens_per_s']['median']:.0f} tokens/s = {summary['nf4_fraction']['median']:.1%} of bound; "
+          f"float32 {summary['none_tokens_per_s']['median']:.0f} tokens/s = {summary['none_fraction']['median']:.1%}")
+    for quant, tr in trainers.items():
+        tr.cleanup()
+        shutil.rmtree(tr.run_dir, ignore_errors=True)
+    common.write_result(common.result_name("roofline", args.quick), {
+        "config": vars(args), "batch_width": width, "processed_tokens": processed, "useful_tokens": useful,
+        "flop_model": flops, "rounds": rounds, "summary": summary}, info)
+
+
+if __name__ == "__main__":
+    main()
