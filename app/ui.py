@@ -176,6 +176,16 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600:.0f} h {(seconds % 3600) // 60:02.0f} min"
 
 
+def job_heading(job: Job, what: str) -> None:
+    """Name, number and status of a job, and its place in the queue while it waits."""
+    head = st.columns([4, 2], vertical_alignment="center")
+    head[0].subheader(f"{job.name} · {what} #{job.id}")
+    head[1].markdown(badge(job.status))
+    if job.status == "queued":
+        st.info(f"Waiting in the queue (position {store().queue_position(job.id)}): one heavy job runs at a time.",
+                icon=":material/hourglass_top:")
+
+
 def failure_box(job: Job) -> None:
     """A failed/died job: the human message, and the log tail folded away."""
     if job.status in ("failed", "died"):

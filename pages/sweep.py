@@ -19,14 +19,10 @@ store = ui.store()
 def monitor(job_id: int) -> bool:
     job = store.get(job_id)
     view = wd.read_sweep(job.out_dir)
-    head = st.columns([4, 2], vertical_alignment="center")
-    head[0].subheader(f"{job.name} · sweep #{job.id}")
-    head[1].markdown(ui.badge(job.status))
-    if job.status == "queued":
-        st.info(f"Waiting in the queue (position {store.queue_position(job.id)}).", icon=":material/hourglass_top:")
-    elif job.status == "running" and not view.total_units:
+    ui.job_heading(job, "sweep")
+    if job.status == "running" and not view.total_units:
         st.progress(0.0, text="loading the model…")
-    else:
+    elif job.status != "queued":
         eta = f" · about {ui.duration(view.eta_s)} left" if job.status == "running" and view.eta_s is not None else ""
         rank = f"rank {view.current_rank} · " if job.status == "running" and view.current_rank is not None else ""
         st.progress(view.fraction, text=f"{rank}{view.done_units} of {view.total_units} answers{eta}")

@@ -16,12 +16,7 @@ store = ui.store()
 def monitor(job_id: int) -> bool:
     job = store.get(job_id)
     view = wd.read_run(job.out_dir)
-    head = st.columns([4, 2], vertical_alignment="center")
-    head[0].subheader(f"{job.name} · run #{job.id}")
-    head[1].markdown(ui.badge(job.status))
-    if job.status == "queued":
-        st.info(f"Waiting in the queue (position {store.queue_position(job.id)}): one heavy job runs at a time.",
-                icon=":material/hourglass_top:")
+    ui.job_heading(job, "run")
     last = view.last
     if job.status == "running" and view.steps.empty:
         st.progress(0.0, text=f"{view.phase or 'starting'}…")
