@@ -83,6 +83,7 @@ def machine_info() -> dict:
         "device": device(),
         "loadavg": loadavg(),
         "platform": platform.platform(),
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_"))},
     }
     for pkg in ("peft", "bitsandbytes"):
         try:

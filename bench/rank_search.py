@@ -123,7 +123,13 @@ def main() -> None:
             step_times = []
             common.log(f"QDyLoRA run: r_max {r_max}, {args.steps} steps")
             t0 = time.perf_counter()
-            trainer = Trainer(cfg, on_event=lambda e: step_times.append(e) if e.get("event") == "step" else None)
+            def on_event(e):
+                if e.get("event") == "step":
+                    step_times.append(e)
+                    if e["step"] % 10 == 0:
+                        common.log(f"QDyLoRA: step {e['step']}/{args.steps}, loss {e['loss']:.3f}, rank {e['rank']}")
+
+            trainer = Trainer(cfg, on_event=on_event)
             try:
                 trainer.setup()
                 t_loaded = time.perf_counter()
@@ -156,7 +162,12 @@ def main() -> None:
             t0 = time.perf_counter()
             peft = common.PeftLoRATrainer(cfg, rank=r)
             t_loaded = time.perf_counter()
-            losses = peft.train(on_step=lambda s, loss, dt: step_s.append(dt))
+            def on_step(s, loss, dt):
+                step_s.append(dt)
+                if s % 10 == 0:
+                    common.log(f"QLoRA r={r}: step {s}/{args.steps}, loss {loss:.3f}, {dt:.1f}s/step")
+
+            losses = peft.train(on_step=on_step)
             train_s = time.perf_counter() - t0
             ev = evaluate(peft.model, peft.tokenizer, nll_items, gen_items, args.max_new_tokens, args.n_boot)
             qlora[r] = {"train_s": train_s, "load_s": t_loaded - t0, "eval_s": ev["eval_s"], "final_loss": losses[-1],
