@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep", default=None, help="sweep folder whose numbers for this rank go into the rank card")
 
     s = sub.add_parser("sweep", help="measure quality, latency and memory per rank on held-out prompts")
-    s.add_argument("--run", required=True)
-    s.add_argument("--prompts", required=True, help="evaluation set (JSONL or CSV)")
+    s.add_argument("--run", help="training run folder to evaluate; not needed with --resume")
+    s.add_argument("--prompts", help="evaluation set (JSONL or CSV); not needed with --resume")
     s.add_argument("--prompt-col", default="prompt")
     s.add_argument("--reference-col", default="reference")
     s.add_argument("--id-col", default="id")
@@ -199,8 +199,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from core.errors import UserError
     from core.evaluation.sweep import SweepConfig, run_sweep
 
+    if not args.resume and not (args.run and args.prompts):
+        raise UserError("--run and --prompts are required (unless --resume continues an existing sweep)")
+    # With --resume the sweep's saved config wins; run and prompts are only placeholders here.
     cfg = SweepConfig.from_cli(args)
     cancel = CancelFlag().install()
     bar = None

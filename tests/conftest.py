@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -53,3 +54,20 @@ def small_train_file(tmp_path_factory) -> Path:
     rows = [{"prompt": f"What is item {i}?", "response": f"Item {i} costs {i * 3} euros."} for i in range(12)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """Run `main()` here (no interpreter start-up), restoring the signal handlers it installs."""
+    from core.cli import main
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def call(*args):
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.err
+
+    yield call
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

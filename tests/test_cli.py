@@ -46,23 +46,6 @@ def test_train_generate_export_reload(tiny_model_dir, small_train_file, tmp_path
     assert check.stdout.strip() == "2"
 
 
-@pytest.fixture
-def cli_in_process(capsys):
-    """Run `main()` here (no interpreter start-up), restoring the signal handlers it installs."""
-    from core.cli import main
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def call(*args):
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.err
-
-    yield call
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("name,where", [
     ("bad_json_line.jsonl", "line 3"), ("missing_response.jsonl", "line 2"), ("empty_response.jsonl", "line 4"),
     ("not_utf8.csv", "UTF-8"), ("empty.jsonl", "empty"), ("missing_column.csv", "reply"),

@@ -60,7 +60,7 @@ def test_sweep_writes_summary_per_prompt_and_recommendation(run_dir, tmp_path):
     assert all("eta_s" in e for e in events if e["event"] == "prompt")
 
 
-def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path):
+def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path, cli_in_process):
     out = tmp_path / "sweep"
     done_ranks = []
 
@@ -74,8 +74,11 @@ def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path):
     assert runstate.read_status(out)["status"] == "cancelled"
     assert [int(r["rank"]) for r in read_csv(out / "summary.csv")] == [0]
     kept = (out / "ranks" / "rank_0.json").read_text()
-    second = run_sweep(SweepConfig(run="", prompts="", out=str(out)), resume=True)
-    assert second.status == "completed" and second.ranks_done == [0, 1, 2, 4]
+    # The CLI resumes from the sweep folder alone: its saved config names the run and prompts.
+    code, err = cli_in_process("sweep", "--out", str(out), "--resume", "--no-progress")
+    assert code == 0, err
+    assert runstate.read_status(out)["status"] == "completed"
+    assert [int(r["rank"]) for r in read_csv(out / "summary.csv")] == [0, 1, 2, 4]
     assert (out / "ranks" / "rank_0.json").read_text() == kept  # not measured again
 
 
@@ -83,6 +86,12 @@ def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path):
 def test_bad_ranks_fail_before_any_work(run_dir, tmp_path, ranks, message):
     with pytest.raises(UserError, match=message):
         run_sweep(quick(run_dir, tmp_path / "sweep", ranks=ranks))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_cli_without_run_or_prompts_is_a_usage_error(tmp_path, cli_in_process):
+    code, err = cli_in_process("sweep", "--out", str(tmp_path / "sweep"), "--prompts", str(EVAL))
+    assert code == 2 and "--run and --prompts are required" in err
     assert not (tmp_path / "sweep").exists()
 
 

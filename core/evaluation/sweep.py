@@ -115,7 +115,7 @@ class SweepConfig(ConfigDict):
     @classmethod
     def from_cli(cls, args) -> "SweepConfig":
         return cls(
-            run=args.run, prompts=args.prompts, out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
+            run=args.run or "", prompts=args.prompts or "", out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
             reference_col=args.reference_col, id_col=args.id_col, must_include_col=args.must_include_col,
             metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], max_new_tokens=args.max_new_tokens,
             max_prompts=args.max_prompts, batch_size=args.batch_size, latency=args.latency == "on",
