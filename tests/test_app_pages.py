@@ -430,3 +430,28 @@ def test_export_page_shows_card_snippet_and_download(results):
     assert any("exported" in s.value for s in at.success)
     assert at.get("download_button")
     assert any("PeftModel" in c.value for c in at.code)
+
+
+def test_dashboard_process_never_imports_torch(tmp_path):
+    """Pages validate and estimate in the server process; torch (~300 MB, seconds) stays in the jobs."""
+    code = (
+        "import sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({MAIN!r}, default_timeout=60)\n"
+        "at.run()\n"
+        "for page in ('data', 'train', 'sweep', 'compare', 'export'):\n"
+        "    at.switch_page(f'../pages/{page}.py')\n"
+        "    at.run()\n"
+        "    assert not at.exception, [e.value for e in at.exception]\n"
+        "from core.workspace_data import TrainForm, train_problems\n"
+        "problems = train_problems(TrainForm(dataset=None, r_max=8, lr=2.0))\n"
+        "assert any('lr' in p.lower() for p in problems), problems\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    import os
+    import subprocess
+
+    env = dict(os.environ, RANK_STUDIO_WORKSPACE=str(tmp_path / "ws"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "False"]
