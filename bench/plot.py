@@ -87,6 +87,47 @@ def rank_search(name: str) -> None:
     _save(fig, name)
 
 
+def rank_search_variants(name: str) -> None:
+    data = _load(name)
+    ref = _load(data["config"]["from"]) if data else None
+    if not data or not ref:
+        return
+    ranks = [r["rank"] for r in ref["per_rank"]]
+    x = list(range(len(ranks)))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    q = [r["qlora"]["ref_nll"] for r in ref["per_rank"]]
+    axes[0].plot(x, q, "s-", color=C_QLORA, label=f"QLoRA, one run per rank ({ref['config']['steps']} steps each)")
+    uni = [r["qdylora"]["ref_nll"] for r in ref["per_rank"]]
+    axes[0].plot(x, uni, "o-", color=C_QDY, label=f"QDyLoRA uniform, {ref['config']['steps']} steps (rank_search)")
+    axes[1].plot(x, [100 * r["nll_gap"]["gap"] for r in ref["per_rank"]], "o-", color=C_QDY, label="QDyLoRA uniform, %d steps (rank_search)" % ref["config"]["steps"])
+    palette = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    for (variant, v), color in zip(data["variants"].items(), palette * 4):
+        if v.get("kind") == "qlora":
+            axes[0].plot([ranks.index(v["rank"])], [v["per_rank"][0]["ref_nll"]], "s", ms=9, mfc="none", mew=2, color=C_QLORA,
+                         label=f"QLoRA r={v['rank']}, {v['steps']} steps")
+            continue
+        label = f"QDyLoRA {v.get('rank_sampling', variant)}, {v.get('steps', ref['config']['steps'])} steps"
+        axes[0].plot(x, [r["ref_nll"] for r in v["per_rank"]], "D--", color=color, label=label)
+        axes[1].plot(x, [100 * r.get("nll_gap", {"gap": r["gap_point"]})["gap"] for r in v["per_rank"]], "D--", color=color,
+                     label=label + " vs QLoRA %d steps" % ref["config"]["steps"])
+    for g in data.get("same_budget", []):
+        axes[1].plot([ranks.index(g["rank"])], [100 * g["gap"]["gap"]], "*", ms=14, color="k",
+                     label=f"QDyLoRA {g['qdylora']} vs QLoRA r={g['rank']}, both {g['steps']} steps")
+    axes[0].set_title("reference NLL per token (lower is better)", fontsize=10)
+    axes[1].set_title("NLL gap (QDyLoRA - QLoRA) / QLoRA at the same rank, %", fontsize=10)
+    axes[1].axhline(2, color="k", ls=":", label="target: gap <= +2 %")
+    axes[1].axhline(0, color=C_BASE, lw=0.8)
+    for ax in axes:
+        ax.set_xticks(x, [str(r) for r in ranks])
+        ax.set_xlabel("rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("What closes the gap: rank sampling rule and training steps (SmolLM2-135M NF4, r_max %d)" % max(ranks), fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    _footer(fig, data)
+    _save(fig, name)
+
+
 def step_time(name: str) -> None:
     data = _load(name)
     if not data:
@@ -236,7 +277,7 @@ def demo_run(name: str) -> None:
 
 
 PLOTS = {"rank_search": rank_search, "step_time": step_time, "memory": memory, "sweep_cost": sweep_cost,
-         "roofline": roofline, "demo_run": demo_run}
+         "roofline": roofline, "demo_run": demo_run, "rank_search_variants": rank_search_variants}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,7 +210,10 @@ def main() -> None:
     common.write_result(common.result_name("rank_search", args.quick), {
         "config": vars(args) | {"nll_prompts_used": len(nll_items), "gen_prompts_used": len(gen_items), "order": order},
         "base": strip(base_eval), "per_rank": per_rank, "qdylora_run": qdy_out, "qlora_runs": qlora_out,
-        "cost": cost, "targets": targets}, info)
+        "cost": cost, "targets": targets,
+        "qlora_nll_per_prompt": {str(r): {"nll_sums": v["eval"]["nll_sums"], "nll_counts": v["eval"]["nll_counts"]} for r, v in qlora.items()},
+        "qdylora_nll_per_prompt": {str(b): {"nll_sums": e["nll_sums"], "nll_counts": e["nll_counts"]} for b, e in qdy["evals"].items()}},
+        info)
     try:
         import plot
 
