@@ -131,3 +131,52 @@ def test_a_crash_mid_run_is_recorded_as_failed_with_the_traceback_in_the_log(tin
     assert status["status"] == "failed" and status["error"] == "RuntimeError: simulated kernel failure"
     assert "Traceback" in (tmp_path / "run" / "train.log").read_text()
     assert runstate.read_events(tmp_path / "run")[-1]["status"] == "failed"
+
+
+def test_training_at_one_fixed_rank_equals_a_peft_lora_run_of_that_rank(tiny_model_dir, small_train_file, tmp_path):
+    """The control behind bench/rank_search: b fixed at 2 of r_max 4 must train exactly like PEFT LoRA r=2
+    (same first rows, scale alpha/2, same batches and AdamW), and rows 3-4 must not move."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_base_model
+    from core.qdylora import qdylora_layers
+    from core.train import Trainer
+
+    cfg = tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", r_max=4, rank_sampling="list", rank_list=[2],
+                   dropout=0.0, steps=3, max_grad_norm=0.3, weight_decay=0.01)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    ours = qdylora_layers(trainer.model)
+    for layer in ours.values():  # B starts at zero; give it values so the first step is not trivially equal
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    initial = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for name, layer in ours.items()}
+
+    base, _, _ = load_base_model(cfg.model_spec())
+    twin = get_peft_model(base, LoraConfig(r=2, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
+                                           target_modules=sorted({n.rsplit(".", 1)[-1] for n in ours})))
+    peft_layers = {name: twin.get_submodule("base_model.model." + name) for name in ours}
+    with torch.no_grad():
+        for name, (a, b) in initial.items():
+            peft_layers[name].lora_A["default"].weight.copy_(a[:2])
+            peft_layers[name].lora_B["default"].weight.copy_(b[:, :2])
+    params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    for step in range(cfg.steps):
+        batch = trainer._micro_batch(step)
+        our_loss, _ = trainer.train_step(2)
+        trainer.step += 1
+        twin.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = twin(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        assert our_loss == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    for name, layer in ours.items():
+        torch.testing.assert_close(layer.lora_A[:2], peft_layers[name].lora_A["default"].weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B[:, :2], peft_layers[name].lora_B["default"].weight, rtol=1e-4, atol=1e-6)
+        assert torch.equal(layer.lora_A[2:], initial[name][0][2:]) and torch.equal(layer.lora_B[:, 2:], initial[name][1][:, 2:])
+        assert not torch.equal(layer.lora_A[:2], initial[name][0][:2])
+    trainer.cleanup()
