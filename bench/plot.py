@@ -94,7 +94,7 @@ def rank_search_variants(name: str) -> None:
         return
     ranks = [r["rank"] for r in ref["per_rank"]]
     x = list(range(len(ranks)))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2))
     q = [r["qlora"]["ref_nll"] for r in ref["per_rank"]]
     axes[0].plot(x, q, "s-", color=C_QLORA, label=f"QLoRA, one run per rank ({ref['config']['steps']} steps each)")
     uni = [r["qdylora"]["ref_nll"] for r in ref["per_rank"]]
@@ -107,8 +107,9 @@ def rank_search_variants(name: str) -> None:
                          label=f"QLoRA r={v['rank']}, {v['steps']} steps")
             continue
         label = f"QDyLoRA {v.get('rank_sampling', variant)}, {v.get('steps', ref['config']['steps'])} steps"
-        axes[0].plot(x, [r["ref_nll"] for r in v["per_rank"]], "D--", color=color, label=label)
-        axes[1].plot(x, [100 * r.get("nll_gap", {"gap": r["gap_point"]})["gap"] for r in v["per_rank"]], "D--", color=color,
+        xs = [ranks.index(r["rank"]) for r in v["per_rank"]]
+        axes[0].plot(xs, [r["ref_nll"] for r in v["per_rank"]], "D--", color=color, label=label)
+        axes[1].plot(xs, [100 * r.get("nll_gap", {"gap": r["gap_point"]})["gap"] for r in v["per_rank"]], "D--", color=color,
                      label=label + " vs QLoRA %d steps" % ref["config"]["steps"])
     for g in data.get("same_budget", []):
         axes[1].plot([ranks.index(g["rank"])], [100 * g["gap"]["gap"]], "*", ms=14, color="k",
@@ -121,8 +122,8 @@ def rank_search_variants(name: str) -> None:
         ax.set_xticks(x, [str(r) for r in ranks])
         ax.set_xlabel("rank")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("What closes the gap: rank sampling rule and training steps (SmolLM2-135M NF4, r_max %d)" % max(ranks), fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    fig.suptitle("What moves the gap: rank sampling rule, training steps, and a fixed-rank control (SmolLM2-135M NF4, r_max %d)" % max(ranks), fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     _footer(fig, data)
     _save(fig, name)

@@ -1,6 +1,7 @@
 """Follow-up to rank_search.py: what closes the NLL gap to per-rank QLoRA — another
 rank-sampling rule, or more steps (e.g. the same total compute as the five QLoRA runs)?
-And does a longer QLoRA run move too (`qlora@R:STEPS`: one PEFT run at rank R)?
+And does a longer QLoRA run move too (`qlora@R:STEPS`: one PEFT run at rank R)? Control:
+`fixed@R` trains the library's QDyLoRA at b = R on every step, which must match QLoRA r = R.
 
 Trains one QDyLoRA run per variant with core.train.Trainer (same data, batch, max length,
 lr and seed as the rank_search.json it reads; a variant `SAMPLING[:STEPS]` sets
@@ -37,13 +38,16 @@ from rank_search import paired_gap  # noqa: E402
 
 
 def parse_variant(text: str, default_steps: int) -> tuple[str, int | None, int]:
-    """'uniform:200' → ('uniform', None, 200); 'qlora@16:200' → ('qlora', 16, 200); 'pow2' → ('pow2', None, default)."""
+    """'uniform:200' → ('uniform', None, 200); 'qlora@16:200' → ('qlora', 16, 200); 'pow2' → ('pow2', None, default).
+
+    'fixed@R' is QDyLoRA with every step at b = R (rank_sampling list [R]): the control that
+    the library's training at one fixed rank matches a PEFT LoRA run of that rank."""
     head, _, steps_text = text.partition(":")
     kind, _, rank_text = head.partition("@")
     steps = int(steps_text) if steps_text else default_steps
-    if kind == "qlora":
+    if kind in ("qlora", "fixed"):
         if not rank_text:
-            raise SystemExit(f"variant {text!r}: write qlora@RANK[:STEPS]")
+            raise SystemExit(f"variant {text!r}: write {kind}@RANK[:STEPS]")
         return kind, int(rank_text), steps
     if kind not in ("uniform", "pow2", "low", "high"):
         raise SystemExit(f"variant {text!r}: unknown rank sampling {kind!r}")
@@ -61,13 +65,17 @@ def nll_row(model, tokenizer, items, rank: int, qlora40: dict, n_boot: int) -> d
     return row
 
 
-def run_qdylora(sampling: str, steps: int, ranks: list[int], cfg0: dict, nll_items, qlora40: dict, per_prompt) -> dict:
-    out = common.TMP / f"rank_search_variant_{sampling}_{steps}"
+def run_qdylora(sampling: str, steps: int, ranks: list[int], cfg0: dict, nll_items, qlora40: dict, per_prompt,
+                fixed_rank: int | None = None) -> dict:
+    out = common.TMP / f"rank_search_variant_{sampling}{fixed_rank or ''}_{steps}"
     shutil.rmtree(out, ignore_errors=True)
+    rank_choice = {"rank_sampling": "list", "rank_list": [fixed_rank]} if fixed_rank else {"rank_sampling": sampling}
     cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), quant="nf4", r_max=max(ranks), steps=steps,
                       batch_size=cfg0["batch_size"], max_length=cfg0["max_length"], lr=cfg0["lr"], seed=cfg0["seed"],
-                      rank_sampling=sampling, checkpoint_every=max(10, steps))
-    common.log(f"QDyLoRA variant rank_sampling={sampling}: {steps} steps")
+                      checkpoint_every=max(10, steps), **rank_choice)
+    if fixed_rank:
+        ranks = [fixed_rank]
+    common.log(f"QDyLoRA variant {rank_choice}: {steps} steps")
 
     def on_event(e):
         if e.get("event") == "step" and e["step"] % 20 == 0:
@@ -89,7 +97,7 @@ def run_qdylora(sampling: str, steps: int, ranks: list[int], cfg0: dict, nll_ite
         if per_prompt:
             row["nll_gap"] = paired_gap(row, per_prompt[str(b)], cfg0["n_boot"])
         rows.append(row)
-    done = {"kind": "qdylora", "rank_sampling": sampling, "steps": steps, "train_s": train_s, "final_loss": result.final_loss,
+    done = {"kind": "qdylora", "rank_sampling": f"fixed b={fixed_rank}" if fixed_rank else sampling, "steps": steps, "train_s": train_s, "final_loss": result.final_loss,
             "histogram": trainer.histogram, "per_rank": rows}
     del trainer
     gc.collect()
@@ -145,7 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--variants", default="uniform:200,pow2",
-                   help="comma-separated SAMPLING[:STEPS] (SAMPLING in uniform, pow2, low, high) or qlora@RANK[:STEPS]")
+                   help="comma-separated SAMPLING[:STEPS] (SAMPLING in uniform, pow2, low, high), fixed@RANK[:STEPS] or qlora@RANK[:STEPS]")
     args = p.parse_args()
     info = common.machine_info()
     print(info)
@@ -169,6 +177,8 @@ def main() -> None:
         provenance = {"date": common.machine_info()["date"], "git_commit": info.get("git_commit"), "loadavg_start": common.loadavg()}
         if kind == "qlora":
             done = run_qlora(rank, steps, cfg0, nll_items, qlora40)
+        elif kind == "fixed":
+            done = run_qdylora("list", steps, ranks, cfg0, nll_items, qlora40, per_prompt, fixed_rank=rank)
         else:
             done = run_qdylora(kind, steps, ranks, cfg0, nll_items, qlora40, per_prompt)
         results[label] = done | provenance | {"loadavg_end": common.loadavg()}
