@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import shutil
 import sys
 import time
@@ -36,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from core.evaluation.metrics import rouge_l_scores  # noqa: E402
 from core.evaluation.stats import bootstrap_mean_ci, bootstrap_ratio_ci  # noqa: E402
@@ -49,17 +47,22 @@ TARGET_GAP = 0.02
 TARGET_COST = 4.0
 
 
-def evaluate(model, tokenizer, nll_items, gen_items, max_new_tokens: int, n_boot: int) -> dict:
-    model.eval()
-    t0 = time.perf_counter()
+def reference_nll(model, tokenizer, nll_items, n_boot: int) -> dict:
+    """Per-token reference NLL with its bootstrap interval, and the per-prompt sums for paired gaps."""
     pairs = measure_nll(model, tokenizer, nll_items, batch_size=8)
     sums, counts = [s for s, _ in pairs], [c for _, c in pairs]
     nll = bootstrap_ratio_ci(sums, counts, n_resamples=n_boot, seed=0)
+    return {"ref_nll": nll.mean, "ref_nll_lo": nll.lo, "ref_nll_hi": nll.hi, "nll_sums": sums, "nll_counts": counts}
+
+
+def evaluate(model, tokenizer, nll_items, gen_items, max_new_tokens: int, n_boot: int) -> dict:
+    model.eval()
+    t0 = time.perf_counter()
+    nll = reference_nll(model, tokenizer, nll_items, n_boot)
     answers = generate(model, tokenizer, [it.prompt for it in gen_items], max_new_tokens=max_new_tokens, batch_size=8)
     rouge_scores = rouge_l_scores(answers, [it.reference for it in gen_items])
     rouge = bootstrap_mean_ci(rouge_scores, n_resamples=n_boot, seed=0)
-    return {"ref_nll": nll.mean, "ref_nll_lo": nll.lo, "ref_nll_hi": nll.hi, "rouge_l": rouge.mean,
-            "rouge_l_lo": rouge.lo, "rouge_l_hi": rouge.hi, "nll_sums": sums, "nll_counts": counts,
+    return nll | {"rouge_l": rouge.mean, "rouge_l_lo": rouge.lo, "rouge_l_hi": rouge.hi,
             "answers": answers, "rouge_scores": rouge_scores, "eval_s": time.perf_counter() - t0}
 
 

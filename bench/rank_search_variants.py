@@ -29,12 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from core.evaluation.stats import bootstrap_ratio_ci  # noqa: E402
-from core.evaluation.sweep import measure_nll  # noqa: E402
 from core.qdylora import set_rank  # noqa: E402
 from core.train import TrainConfig, Trainer  # noqa: E402
 
-from rank_search import paired_gap  # noqa: E402
+from rank_search import paired_gap, reference_nll  # noqa: E402
 
 
 def parse_variant(text: str, default_steps: int) -> tuple[str, int | None, int]:
@@ -55,13 +53,10 @@ def parse_variant(text: str, default_steps: int) -> tuple[str, int | None, int]:
 
 
 def nll_row(model, tokenizer, items, rank: int, qlora40: dict, n_boot: int) -> dict:
-    pairs = measure_nll(model, tokenizer, items, batch_size=8)
-    sums, counts = [s for s, _ in pairs], [c for _, c in pairs]
-    ci = bootstrap_ratio_ci(sums, counts, n_resamples=n_boot, seed=0)
-    row = {"rank": rank, "ref_nll": ci.mean, "ref_nll_lo": ci.lo, "ref_nll_hi": ci.hi, "nll_sums": sums, "nll_counts": counts,
-           "qlora_ref_nll": qlora40["ref_nll"], "gap_point": ci.mean / qlora40["ref_nll"] - 1}
-    common.log(f"  rank {rank}: NLL {ci.mean:.4f} [{ci.lo:.4f}, {ci.hi:.4f}] vs QLoRA (rank_search) {qlora40['ref_nll']:.4f}: "
-               f"{row['gap_point']:+.2%}")
+    row = {"rank": rank} | reference_nll(model, tokenizer, items, n_boot)
+    row |= {"qlora_ref_nll": qlora40["ref_nll"], "gap_point": row["ref_nll"] / qlora40["ref_nll"] - 1}
+    common.log(f"  rank {rank}: NLL {row['ref_nll']:.4f} [{row['ref_nll_lo']:.4f}, {row['ref_nll_hi']:.4f}] vs QLoRA (rank_search) "
+               f"{qlora40['ref_nll']:.4f}: {row['gap_point']:+.2%}")
     return row
 
 
@@ -182,12 +177,13 @@ def main() -> None:
         else:
             done = run_qdylora(kind, steps, ranks, cfg0, nll_items, qlora40, per_prompt)
         results[label] = done | provenance | {"loadavg_end": common.loadavg()}
+    same_budget = same_budget_gaps(results, cfg0["n_boot"])
     common.write_result(name, {
         "config": {"variants_this_invocation": args.variants, "quick": args.quick, "from": ref_name, "steps": cfg0["steps"],
                    "batch_size": cfg0["batch_size"], "max_length": cfg0["max_length"], "lr": cfg0["lr"], "seed": cfg0["seed"]},
         "uniform_from_rank_search": [{"rank": r["rank"], "ref_nll": r["qdylora"]["ref_nll"], "gap": r["nll_gap"]["gap"]} for r in ref["per_rank"]],
-        "variants": results, "same_budget": same_budget_gaps(results, cfg0["n_boot"])}, info)
-    for g in same_budget_gaps(results, cfg0["n_boot"]):
+        "variants": results, "same_budget": same_budget}, info)
+    for g in same_budget:
         print(f"same budget ({g['steps']} steps), rank {g['rank']}: QDyLoRA {g['qdylora']} {g['qdylora_nll']:.4f} vs "
               f"QLoRA {g['qlora_nll']:.4f}: gap {g['gap']['gap']:+.2%}")
     try:

@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets offline env, sys.path)
 
-import torch  # noqa: E402
 
 from core.train import TrainConfig, Trainer  # noqa: E402
 
