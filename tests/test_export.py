@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from core.errors import UserError
 from core.export import ExportConfig, export_rank
-from core.models import quantization_config
+from core.models import keep_nf4_compute_dtype, quantization_config
 from core.qdylora import set_rank
 from core.runs import generate, load_run
 from core.train import TrainConfig, train
@@ -34,7 +34,7 @@ def peft_model(base_path, quant, export_dir):
     kwargs = {"dtype": torch.float32, "device_map": "cpu"}
     if quant == "nf4":
         kwargs["quantization_config"] = quantization_config("nf4", torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    base = keep_nf4_compute_dtype(AutoModelForCausalLM.from_pretrained(base_path, **kwargs))
     return PeftModel.from_pretrained(base, str(export_dir)).eval()
 
 
