@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank-sampling", default="uniform", choices=["uniform", "pow2", "low", "high", "list"])
     t.add_argument("--rank-list", type=_int_list, default=None, help="ranks for --rank-sampling list, e.g. 1,2,4,8")
     t.add_argument("--update", default="full", choices=["full", "frozen"])
+    t.add_argument("--scale", default=None, help="scale at rank b: alpha/b, alpha/sqrt(b) or constant (default: the library's)")
+    t.add_argument("--ranks-per-step", type=int, default=None, help="ranks trained per step, as groups of the step's examples")
+    t.add_argument("--extra-ranks", default=None, help="sandwich rule: none, max or min_max (extra passes at r_max / 1)")
+    t.add_argument("--distill", type=float, default=None, help="weight of distilling sampled ranks toward r_max (needs --extra-ranks)")
+    t.add_argument("--method", default=None, help="qdylora (one run, every rank) or svd (one LoRA at r_max, ranks by truncated SVD)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--grad-accum", type=int, default=1)
@@ -124,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a cancelled sweep, keeping finished ranks")
     s.add_argument("--no-progress", action="store_true")
+    f = sub.add_parser("refine", help="continue training one rank of a finished run on its own, as a new run")
+    f.add_argument("--run", required=True, help="finished run to take the rank from")
+    f.add_argument("--rank", type=int, required=True, help="rank to polish (1..r_max of --run)")
+    f.add_argument("--steps", type=int, required=True, help="optimizer steps of the new run")
+    f.add_argument("--out", required=True, help="new run folder")
+    f.add_argument("--data", default=None, help="training data (default: the run's)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's)")
+    f.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the run's)")
+    f.add_argument("--seed", type=int, default=None, help="seed (default: the run's)")
+    f.add_argument("--no-progress", action="store_true")
+
     r = sub.add_parser("recommend", help="re-decide a finished sweep's rank with another metric or threshold (no re-run)")
     r.add_argument("--sweep", required=True)
     r.add_argument("--metric", default="ref_nll", choices=["ref_nll", "rouge_l", "fact_recall", "similarity"])
@@ -139,7 +155,7 @@ def _progress_bar(total: int, desc: str, disable: bool):
 
 def cmd_train(args) -> int:
     from core.errors import UserError
-    from core.train import TrainConfig, train
+    from core.train import TrainConfig
 
     if not args.resume and not args.data:
         raise UserError("--data is required (unless --resume continues an existing run)")
@@ -152,27 +168,44 @@ def cmd_train(args) -> int:
         max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
         checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
     )
+    method_fields = dict(scale=args.scale, ranks_per_step=args.ranks_per_step, extra_ranks=args.extra_ranks,
+                         distill=args.distill, method=args.method)
+    fields.update({k: v for k, v in method_fields.items() if v is not None})
     # With --resume the run's saved config wins; data is only a placeholder here.
     cfg = TrainConfig(data=args.data or "", **fields)
+    return _run_training(cfg, args.resume, args.no_progress)
+
+
+def _run_training(cfg, resume: bool, no_progress: bool) -> int:
+    from core.train import train
+
     cancel = CancelFlag().install()
     bar = None
 
     def on_event(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
-            bar = _progress_bar(event["total_steps"], "training", args.no_progress)
+            bar = _progress_bar(event["total_steps"], "training", no_progress)
             bar.update(event["step"])
         elif event["event"] == "step" and bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{event['loss']:.3f}", rank=event["rank"], tok_s=f"{event['tokens_per_s']:.0f}")
 
     try:
-        result = train(cfg, resume=args.resume, on_event=on_event, should_stop=cancel)
+        result = train(cfg, resume=resume, on_event=on_event, should_stop=cancel)
     finally:
         if bar is not None:
             bar.close()
     print(f"{result.status}: {result.steps_done}/{result.total_steps} steps, run folder {result.run_dir}", file=sys.stderr)
     return EXIT_CANCELLED if result.status == "cancelled" else EXIT_OK
+
+
+def cmd_refine(args) -> int:
+    from core.refine import refine_config
+
+    cfg = refine_config(args.run, args.rank, args.steps, args.out, data=args.data, lr=args.lr,
+                        batch_size=args.batch_size, seed=args.seed)
+    return _run_training(cfg, False, args.no_progress)
 
 
 def cmd_generate(args) -> int:
@@ -237,7 +270,7 @@ def cmd_recommend(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "sweep": cmd_sweep,
-            "recommend": cmd_recommend}
+            "recommend": cmd_recommend, "refine": cmd_refine}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Rank b of a run → a standard PEFT LoRA folder, a rank card, optionally merged weights.
 
-PEFT scales a LoRA adapter by lora_alpha / r. Writing r = b and lora_alpha = alpha gives
-alpha / b: exactly the scale the run trained rank b with, so no weight is rescaled.
+PEFT scales a LoRA adapter by lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+`peft_scale_fields` picks the pair that gives exactly the scale the run uses at rank b
+under its scale rule, so no weight is rescaled.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from core import runstate
 from core.config_io import ConfigDict
 from core.errors import UserError
 from core.models import compute_dtype_for, dtype_from_name, pick_device
-from core.qdylora import lora_scale
+from core.qdylora.config import QDyLoRAConfig, peft_scale_fields
 from core.qdylora.inject import ADAPTER_FILE
+from core.qdylora.truncation import inference_adapter_state, inference_config
 from core.runs import check_rank, run_info
 from core.train import ADAPTER_DIR
 
@@ -33,7 +35,7 @@ class ExportConfig(ConfigDict):
     run: str = field(metadata={"help": "Run folder to export from."})
     rank: int = field(metadata={"help": "Rank b to export (1..r_max)."})
     out: str = field(metadata={"help": "Export folder to create (must be missing or empty)."})
-    merge: bool = field(default=False, metadata={"help": "Also write merged weights W0 + (alpha/b) B A into a 16/32-bit base copy."})
+    merge: bool = field(default=False, metadata={"help": "Also write merged weights W0 + s(b) B A into a 16/32-bit base copy."})
     merge_dtype: str = field(default="auto", metadata={"help": "Merged weights dtype: auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
     sweep: str | None = field(default=None, metadata={"help": "Sweep folder whose measured numbers for this rank go into the rank card."})
 
@@ -52,11 +54,13 @@ def peft_state_dict(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, to
     return out
 
 
-def peft_adapter_config(rank: int, alpha: float, dropout: float, target_modules: list[str], base_path: str) -> dict:
+def peft_adapter_config(rank: int, qcfg: QDyLoRAConfig, target_modules: list[str], base_path: str) -> dict:
+    """PEFT's adapter_config.json for rank b; qcfg is the adapter as used (see truncation.inference_config)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(target_modules),
-        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "r": rank, **peft_scale_fields(qcfg.alpha, rank, qcfg.scale, qcfg.r_max),
+        "lora_dropout": qcfg.dropout, "target_modules": sorted(target_modules),
+        "bias": "none", "use_dora": False, "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
@@ -81,7 +85,8 @@ def rank_card_markdown(card: dict) -> str:
         f"# Rank card: {card['run_id']} at rank {card['rank']}", "",
         f"- Base model: {card['base_model']['name']} ({card['base_model']['path']})",
         f"- Trained with quantization: {card['base_model']['quant']}, compute dtype {card['base_model']['compute_dtype']}",
-        f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale alpha/b = {card['scale']:.4g}",
+        f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale rule {card['scale_rule']}, "
+        f"scale at this rank {card['scale']:.4g}; method {card['method']}",
         f"- Trainable parameters at this rank: {card['adapter_params']:,}",
         "- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
     ]
@@ -125,10 +130,11 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         raise UserError(f"output folder {out} already holds files; choose a new folder")
     measured = sweep_numbers(cfg.sweep, cfg.rank)
 
-    adapter = load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE))
+    trained = QDyLoRAConfig.from_dict(config["qdylora"])
+    qcfg = inference_config(trained)
+    adapter = inference_adapter_state(load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE)), trained)
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
     leaf_names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    alpha = config["qdylora"]["alpha"]
     base_path = config["model"]["path"]
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +142,7 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
     try:
         report("writing PEFT adapter")
         save_file(peft_state_dict(adapter, cfg.rank), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        adapter_cfg = peft_adapter_config(cfg.rank, alpha, config["qdylora"]["dropout"], leaf_names, base_path)
+        adapter_cfg = peft_adapter_config(cfg.rank, qcfg, leaf_names, base_path)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
         if cfg.merge:
             report("merging rank into the base weights")
@@ -146,7 +152,7 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         }
         card = {
             "run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "rank": cfg.rank, "r_max": r_max,
-            "alpha": alpha, "scale": lora_scale(alpha, cfg.rank),
+            "alpha": qcfg.alpha, "scale_rule": qcfg.scale, "scale": qcfg.scale_at(cfg.rank), "method": qcfg.method,
             "base_model": config["model"], "trained_steps": (info["status"] or {}).get("step"),
             "adapter_params": sum(cfg.rank * (adapter[f"{m}.lora_A"].shape[1] + adapter[f"{m}.lora_B"].shape[0]) for m in modules),
             "target_modules": leaf_names, "adapted_layers": len(modules), "merged": cfg.merge,
@@ -171,7 +177,7 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
 
 
 def write_merged(run_dir: Path, rank: int, merge_dtype: str, folder: Path) -> None:
-    """W' = W0 + (alpha/b) B[:, :b] A[:b] in a 16/32-bit copy of the base.
+    """W' = W0 + s(b) B[:, :b] A[:b] in a 16/32-bit copy of the base.
 
     W0 is the weight the run trained against: for an NF4 run that is the dequantized NF4
     weight, not the original float weight (merging into 4-bit would round the update away).

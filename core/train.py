@@ -22,7 +22,9 @@ from core.errors import RunError, UserError
 from core.models import load_base_model, resolve_model_path
 from core.prompting import EncodedExample, collate, encode_example
 from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
-from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_parameters, load_adapter_state_dict, adapter_state_dict
+from core.qdylora.inject import (
+    UntrainedRowGuard, adapter_param_count, adapter_parameters, adapter_state_dict, load_adapter_state_dict, set_example_ranks,
+)
 from core.train_config import TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -70,6 +72,14 @@ class BatchOrder:
     def indices(self, micro_batch: int) -> list[int]:
         start = micro_batch * self.batch_size
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over the tokens the loss is on (the response), as in in-place distillation."""
+    mask = labels[:, 1:] != -100
+    student = torch.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def encode_dataset(tokenizer, examples, max_length: int) -> tuple[list[EncodedExample], dict]:
@@ -212,6 +222,10 @@ class Trainer:
         # Read and validate the data before creating anything, so bad data leaves no run folder.
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         resolve_model_path(self.cfg.model)  # an unknown model must fail before a run folder exists
+        if self.cfg.init_from and not self.resume:
+            from core.refine import check_warm_start
+
+            check_warm_start(self.cfg)  # a bad parent run must fail before a run folder exists
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log_handler = runstate.attach_log(self.run_dir, "train.log")
         runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
@@ -219,6 +233,10 @@ class Trainer:
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
         self.qcfg = self.cfg.qdylora_config()
         self.adapted = inject_qdylora(self.model, self.qcfg)
+        if self.cfg.init_from and not self.resume:
+            from core.refine import warm_start_state
+
+            load_adapter_state_dict(self.model, warm_start_state(self.cfg.init_from, self.cfg.init_rank, self.qcfg))
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -255,21 +273,50 @@ class Trainer:
         device = self.resolved.device
         return {key: value.to(device) for key, value in batch.items()}
 
-    def train_step(self, rank: int) -> tuple[float, int]:
-        """One optimizer step at active rank `rank`; returns (mean loss, tokens seen)."""
-        set_rank(self.model, rank)
+    def step_ranks(self, sampled: list[int]) -> list[list[int]]:
+        """Per micro-batch, the rank of each of its examples: the step's examples split into len(sampled) groups."""
+        bs, accum, k = self.cfg.batch_size, self.cfg.grad_accum, len(sampled)
+        n = bs * accum
+        return [[sampled[(m * bs + i) * k // n] for i in range(bs)] for m in range(accum)]
+
+    def _set_ranks(self, ranks: list[int]) -> None:
+        if len(set(ranks)) == 1:
+            set_rank(self.model, ranks[0])
+        else:
+            set_example_ranks(self.model, ranks)
+
+    def train_step(self, rank: int | list[int]) -> tuple[float, int]:
+        """One optimizer step at the sampled rank(s) (plus the sandwich ranks); returns (mean loss at the sampled ranks, tokens)."""
+        sampled = [rank] if isinstance(rank, int) else list(rank)
+        extra = {"none": [], "max": [self.qcfg.r_max], "min_max": [self.qcfg.r_max, 1]}[self.qcfg.extra_ranks]
+        passes = 1 + len(extra)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, tokens = 0.0, 0
-        for micro in range(self.cfg.grad_accum):
+        for micro, micro_ranks in enumerate(self.step_ranks(sampled)):
             batch = self._micro_batch(self.step * self.cfg.grad_accum + micro)
-            loss = self.model(**batch).loss / self.cfg.grad_accum
-            loss.backward()
-            total_loss += loss.item()
+            teacher = None
+            for i, extra_rank in enumerate(extra):
+                set_rank(self.model, extra_rank)
+                out = self.model(**batch)
+                (out.loss / (self.cfg.grad_accum * passes)).backward()
+                if i == 0 and self.qcfg.distill > 0:
+                    teacher = out.logits.detach()
+                del out
+            self._set_ranks(micro_ranks)
+            out = self.model(**batch)
+            loss = out.loss
+            if teacher is not None:
+                w = self.qcfg.distill
+                loss = (1 - w) * loss + w * distillation_loss(out.logits, teacher, batch["labels"])
+            (loss / (self.cfg.grad_accum * passes)).backward()
+            total_loss += out.loss.item() / self.cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
+            del out, teacher
+        set_rank(self.model, max(sampled + extra))
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        guard = UntrainedRowGuard(self.model, rank, self.qcfg.update)
+        guard = UntrainedRowGuard(self.model, max(sampled + extra), self.qcfg.update)
         self.optimizer.step()
         guard.restore()
         self.scheduler.step()
@@ -291,21 +338,22 @@ class Trainer:
                 status = "cancelled"
                 break
             t0 = time.time()
-            rank = self.sampler.sample()
-            loss, tokens = self.train_step(rank)
+            ranks = self.sampler.sample_step(self.qcfg.ranks_per_step)
+            loss, tokens = self.train_step(ranks)
             self.step += 1
-            self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
+            for rank in ranks:
+                self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
             self.losses.append(loss)
             elapsed = time.time() - started
             per_step = elapsed / (self.step - first_step)
             event = {
-                "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": rank,
+                "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": max(ranks), "ranks": ranks,
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
                 "elapsed_s": elapsed, "eta_s": per_step * (cfg.steps - self.step),
                 "mem_mb": runstate.memory_mb(self.resolved.device),
             }
             self._emit(event)
-            log.info("step %d/%d loss %.4f rank %d", self.step, cfg.steps, loss, rank)
+            log.info("step %d/%d loss %.4f rank %s", self.step, cfg.steps, loss, ",".join(map(str, ranks)))
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
             runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training", loss=loss)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from core.config_io import ConfigDict
 from core.errors import UserError
 from core.model_spec import ModelSpec
-from core.qdylora.config import QDyLoRAConfig
+from core.qdylora.config import LEGACY_SCALE, QDyLoRAConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -32,6 +32,13 @@ class TrainConfig(ConfigDict):
     rank_sampling: str = field(default="uniform", metadata={"help": "uniform | pow2 | low | high | list."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
     update: str = field(default="full", metadata={"help": "full (rows 1..b learn) or frozen (only row b learns)."})
+    scale: str = field(default="alpha/b", metadata={"help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig)."})
+    ranks_per_step: int = field(default=1, metadata={"help": "Ranks per optimizer step (k groups of the step's examples, stratified)."})
+    extra_ranks: str = field(default="none", metadata={"help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
+    distill: float = field(default=0.0, metadata={"help": "Weight of distilling the sampled rank toward r_max's predictions (needs extra_ranks)."})
+    method: str = field(default="qdylora", metadata={"help": "qdylora (one run, every rank) or svd (one LoRA at r_max, ranks by truncated SVD)."})
+    init_from: str | None = field(default=None, metadata={"help": "Run folder whose adapter at rank init_rank warm-starts this run (qdylora refine)."})
+    init_rank: int | None = field(default=None, metadata={"help": "Rank taken from init_from (this run's r_max)."})
     steps: int = field(default=200, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (same rank for all of them)."})
@@ -62,9 +69,18 @@ class TrainConfig(ConfigDict):
         if isinstance(self.max_length, int) and self.max_length < 8:
             problems.append(f"max_length must be at least 8, got {self.max_length}")
         try:
-            self.qdylora_config()
+            qcfg = self.qdylora_config()
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            if all(isinstance(v, int) for v in (self.batch_size, self.grad_accum)) and qcfg.ranks_per_step > self.batch_size * self.grad_accum:
+                problems.append(f"ranks_per_step ({qcfg.ranks_per_step}) cannot exceed the examples per step "
+                                f"(batch_size × grad_accum = {self.batch_size * self.grad_accum})")
+            # The method may resolve sampling fields (svd trains at r_max only): keep the resolved values.
+            self.rank_sampling, self.rank_list = qcfg.rank_sampling, qcfg.rank_list
+            self.ranks_per_step, self.extra_ranks, self.distill = qcfg.ranks_per_step, qcfg.extra_ranks, qcfg.distill
+        if (self.init_from is None) != (self.init_rank is None):
+            problems.append("init_from and init_rank go together")
         try:
             self.model_spec()
         except UserError as exc:
@@ -72,10 +88,16 @@ class TrainConfig(ConfigDict):
         if problems:
             raise UserError("invalid training config: " + "; ".join(problems))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        # A run saved before the scale rule existed was trained with alpha/b, whatever today's default.
+        return super().from_dict({"scale": LEGACY_SCALE} | data)
+
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(
             r_max=self.r_max, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update,
+            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update, scale=self.scale,
+            ranks_per_step=self.ranks_per_step, extra_ranks=self.extra_ranks, distill=self.distill, method=self.method,
         )
 
     def model_spec(self) -> ModelSpec:

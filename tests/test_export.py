@@ -18,13 +18,28 @@ from tests.helpers import randomize_adapter_b
 PROMPTS = ["What does the QB-100 cost?", "How long is the warranty on a kettle?"]
 
 
+# Every scale rule (and the SVD method, used with the constant rule) over both bases.
+RULES = [("none", "alpha/b"), ("nf4", "alpha/b"), ("none", "alpha/sqrt(b)"), ("nf4", "alpha/sqrt(b)"),
+         ("none", "constant"), ("nf4", "constant"), ("none", "svd"), ("nf4", "svd")]
+
+
+def _random_run(tmp_path_factory, tiny_model_dir, small_train_file, quant, rule):
+    method = {"method": "svd"} if rule == "svd" else {"scale": rule}
+    out = tmp_path_factory.mktemp(f"run-{quant}-{rule.replace('/', '_')}") / "run"
+    train(TrainConfig(data=str(small_train_file), out=str(out), model=str(tiny_model_dir), quant=quant,
+                      r_max=8, steps=1, batch_size=2, max_length=64, **method))
+    randomize_adapter_b(out)
+    return out, quant
+
+
+@pytest.fixture(scope="module", params=RULES, ids=lambda p: f"{p[0]}-{p[1]}")
+def rule_run(request, tiny_model_dir, small_train_file, tmp_path_factory):
+    return _random_run(tmp_path_factory, tiny_model_dir, small_train_file, *request.param)
+
+
 @pytest.fixture(scope="module", params=["none", "nf4"])
 def random_run(request, tiny_model_dir, small_train_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
-    train(TrainConfig(data=str(small_train_file), out=str(out), model=str(tiny_model_dir), quant=request.param,
-                      r_max=8, steps=1, batch_size=2, max_length=64))
-    randomize_adapter_b(out)
-    return out, request.param
+    return _random_run(tmp_path_factory, tiny_model_dir, small_train_file, request.param, "alpha/b")
 
 
 def peft_model(base_path, quant, export_dir):
@@ -47,12 +62,16 @@ def logits(model, tokenizer, prompts):
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8])
-def test_peft_reload_gives_the_same_logits_and_text(random_run, rank, tmp_path):
-    run_dir, quant = random_run
+def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
+    run_dir, quant = rule_run
     out = tmp_path / "export"
     card = export_rank(ExportConfig(run=str(run_dir), rank=rank, out=str(out)))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == rank and config["lora_alpha"] == 16.0 and config["use_rslora"] is False
+    trained = json.loads((run_dir / "config.json").read_text())["qdylora"]
+    expected_alpha = {"alpha/b": 16.0, "alpha/sqrt(b)": 16.0, "constant": 16.0 / 8 ** 0.5 * rank}[card["scale_rule"]]
+    assert config["r"] == rank and config["lora_alpha"] == pytest.approx(expected_alpha)
+    assert config["use_rslora"] is (card["scale_rule"] == "alpha/sqrt(b)")
+    assert card["scale_rule"] == ("constant" if trained["method"] == "svd" else trained["scale"])
     assert config["peft_type"] == "LORA"
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
@@ -72,10 +91,10 @@ def test_peft_reload_gives_the_same_logits_and_text(random_run, rank, tmp_path):
     assert generate(ours.model, ours.tokenizer, PROMPTS, max_new_tokens=12) == generate(theirs, ours.tokenizer, PROMPTS, max_new_tokens=12)
 
 
-def test_merged_weights_compute_the_same_function(random_run, tmp_path):
+def test_merged_weights_compute_the_same_function(rule_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run_dir, quant = random_run
+    run_dir, quant = rule_run
     out = tmp_path / "export"
     card = export_rank(ExportConfig(run=str(run_dir), rank=4, out=str(out), merge=True, merge_dtype="float32"))
     assert card["merged"] and "merged/model.safetensors" in card["file_sizes"]
