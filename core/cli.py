@@ -51,41 +51,50 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "str | None": str, "int | None": int,
+               "list[str] | None": _str_list, "list[int] | None": _int_list}
+
+
+def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--r-max for r_max), its help from the field; unset flags keep
+    the config's own default, so the defaults live in one place."""
+    from dataclasses import MISSING, fields
+
+    from core.train_config import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name == "out":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        shown = default is not None and default is not False
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if shown else "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, help=help_text.replace("%", "%%"))
+
+
+def train_config_from_args(args: argparse.Namespace, **fixed):
+    """The TrainConfig the flags ask for (fields not given take the config's defaults)."""
+    from dataclasses import fields
+
+    from core.train_config import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return TrainConfig(**(given | fixed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a QDyLoRA adapter (one run serves ranks 1..r_max)")
-    t.add_argument("--data", help="training data (JSONL or CSV); not needed with --resume")
-    t.add_argument("--prompt-col", default="prompt")
-    t.add_argument("--response-col", default="response")
-    t.add_argument("--model", default="default", help="'default', a local HF model folder or a hub id")
-    t.add_argument("--quant", default="nf4", choices=["nf4", "none"])
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--r-max", type=int, default=64)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--dropout", type=float, default=0.05)
-    t.add_argument("--target-modules", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="comma-separated leaf names (default: all linear layers of the blocks)")
-    t.add_argument("--rank-sampling", default="uniform", choices=["uniform", "pow2", "low", "high", "list"])
-    t.add_argument("--rank-list", type=_int_list, default=None, help="ranks for --rank-sampling list, e.g. 1,2,4,8")
-    t.add_argument("--update", default="full", choices=["full", "frozen"])
-    t.add_argument("--scale", default=None, help="scale at rank b: alpha/b, alpha/sqrt(b) or constant (default: the library's)")
-    t.add_argument("--ranks-per-step", type=int, default=None, help="ranks trained per step, as groups of the step's examples")
-    t.add_argument("--extra-ranks", default=None, help="sandwich rule: none, max or min_max (extra passes at r_max / 1)")
-    t.add_argument("--distill", type=float, default=None, help="weight of distilling sampled ranks toward r_max (needs --extra-ranks)")
-    t.add_argument("--method", default=None, help="qdylora (one run, every rank) or svd (one LoRA at r_max, ranks by truncated SVD)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--max-grad-norm", type=float, default=0.3)
-    t.add_argument("--max-length", type=int, default=256)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--checkpoint-every", type=int, default=10)
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    add_train_config_flags(t)
     t.add_argument("--out", required=True, help="run folder (new, or existing with --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to progress.jsonl)")
@@ -155,24 +164,11 @@ def _progress_bar(total: int, desc: str, disable: bool):
 
 def cmd_train(args) -> int:
     from core.errors import UserError
-    from core.train import TrainConfig
 
     if not args.resume and not args.data:
         raise UserError("--data is required (unless --resume continues an existing run)")
-    fields = dict(
-        out=args.out, prompt_col=args.prompt_col, response_col=args.response_col,
-        model=args.model, quant=args.quant, device=args.device, r_max=args.r_max, alpha=args.alpha,
-        dropout=args.dropout, target_modules=args.target_modules, rank_sampling=args.rank_sampling,
-        rank_list=args.rank_list, update=args.update, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
-    )
-    method_fields = dict(scale=args.scale, ranks_per_step=args.ranks_per_step, extra_ranks=args.extra_ranks,
-                         distill=args.distill, method=args.method)
-    fields.update({k: v for k, v in method_fields.items() if v is not None})
     # With --resume the run's saved config wins; data is only a placeholder here.
-    cfg = TrainConfig(data=args.data or "", **fields)
+    cfg = train_config_from_args(args, data=args.data or "", out=args.out)
     return _run_training(cfg, args.resume, args.no_progress)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from core import runstate
 from core.errors import RunError, UserError
-from core.qdylora.config import QDyLoRAConfig
-from core.train_config import TrainConfig
+from core.qdylora.config import QDyLoRAConfig, inference_config
+from core.train_config import TrainConfig, load_run_config
 
 INHERITED = (
     "data", "prompt_col", "response_col", "model", "quant", "device", "alpha", "dropout", "update", "batch_size",
@@ -21,9 +21,6 @@ INHERITED = (
 
 
 def _parent(run_dir: str | Path) -> tuple[dict, QDyLoRAConfig]:
-    from core.qdylora.truncation import inference_config
-    from core.train import load_run_config
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
@@ -35,16 +32,16 @@ def _parent(run_dir: str | Path) -> tuple[dict, QDyLoRAConfig]:
     return config, inference_config(qcfg)
 
 
+ADAPTER_PATH = ("adapter", "adapter.safetensors")  # core.train.ADAPTER_DIR / core.qdylora.inject.ADAPTER_FILE
+
+
 def check_warm_start(cfg: TrainConfig) -> None:
     """The parent must be a finished run that has rank init_rank; raised before anything is written."""
-    from core.qdylora.inject import ADAPTER_FILE
-    from core.train import ADAPTER_DIR
-
     config, qcfg = _parent(cfg.init_from)
     status = (runstate.read_status(Path(cfg.init_from)) or {}).get("status", "unknown")
     if status != "completed":
         raise RunError(f"run {cfg.init_from} has not finished (status: {status}); refine a completed run")
-    if not (Path(cfg.init_from) / ADAPTER_DIR / ADAPTER_FILE).is_file():
+    if not Path(cfg.init_from, *ADAPTER_PATH).is_file():
         raise RunError(f"run {cfg.init_from} has no saved adapter")
     if isinstance(cfg.init_rank, bool) or not isinstance(cfg.init_rank, int) or not 1 <= cfg.init_rank <= qcfg.r_max:
         raise UserError(f"rank must be an integer in 1..{qcfg.r_max} (the run's r_max), got {cfg.init_rank!r}")
@@ -56,13 +53,11 @@ def warm_start_state(parent_dir: str | Path, rank: int, new_cfg: QDyLoRAConfig) 
     """The parent's rank-b adapter as this run's r_max = b adapter, computing the same ΔW under this run's scale."""
     from safetensors.torch import load_file
 
-    from core.qdylora.inject import ADAPTER_FILE
     from core.qdylora.truncation import inference_adapter_state
-    from core.train import ADAPTER_DIR
 
     config, parent_inference = _parent(parent_dir)
     trained = QDyLoRAConfig.from_dict(config["qdylora"])
-    state = inference_adapter_state(load_file(str(Path(parent_dir) / ADAPTER_DIR / ADAPTER_FILE)), trained)
+    state = inference_adapter_state(load_file(str(Path(parent_dir, *ADAPTER_PATH))), trained)
     ratio = parent_inference.scale_at(rank) / new_cfg.scale_at(rank)
     out = {}
     for key, tensor in state.items():

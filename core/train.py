@@ -25,9 +25,8 @@ from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
 from core.qdylora.inject import (
     UntrainedRowGuard, adapter_param_count, adapter_parameters, adapter_state_dict, load_adapter_state_dict, set_example_ranks,
 )
-from core.train_config import TrainConfig
+from core.train_config import CONFIG_FILE, TrainConfig, load_run_config  # noqa: F401 (re-exported)
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
 log = logging.getLogger("rank_studio.train")
@@ -173,19 +172,6 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, sampler) -> dict
     sampler.load_state_dict(meta["sampler"])
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     return meta
-
-
-def load_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is not valid JSON: {exc}") from exc
-    if "train" not in data or "qdylora" not in data:
-        raise RunError(f"{path} is not a training run config")
-    return data
 
 
 class Trainer:

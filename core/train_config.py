@@ -4,14 +4,20 @@ Torch-free on purpose, so the dashboard can check a form without importing torch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from core.config_io import ConfigDict
-from core.errors import UserError
+from core.errors import RunError, UserError
 from core.model_spec import ModelSpec
 from core.qdylora.config import LEGACY_SCALE, QDyLoRAConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
+RECIPE_EVIDENCE = ("Defaults as shipped in version 1 (α/b, uniform rank sampling, lr 2e-4); "
+                   "bench/README.md §6 compares them with dedicated QLoRA runs.")
+CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -26,7 +32,7 @@ class TrainConfig(ConfigDict):
     quant: str = field(default="nf4", metadata={"help": "nf4 (4-bit base, QLoRA) or none (base in compute dtype)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     r_max: int = field(default=64, metadata={"help": "Largest rank; every rank 1..r_max is usable after training."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale alpha/b at rank b."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale at rank b follows the scale rule (alpha/b, alpha/sqrt(b), constant)."})
     dropout: float = field(default=0.05, metadata={"help": "Adapter input dropout."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Leaf names to adapt; None = all block linears."})
     rank_sampling: str = field(default="uniform", metadata={"help": "uniform | pow2 | low | high | list."})
@@ -41,7 +47,7 @@ class TrainConfig(ConfigDict):
     init_rank: int | None = field(default=None, metadata={"help": "Rank taken from init_from (this run's r_max)."})
     steps: int = field(default=200, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (same rank for all of them)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (with ranks_per_step > 1 the groups span them)."})
     lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
     lr_schedule: str = field(default="constant", metadata={"help": "constant (QLoRA default), linear or cosine decay after warmup."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps with linear warmup."})
@@ -102,3 +108,32 @@ class TrainConfig(ConfigDict):
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(name_or_path=self.model, quant=self.quant, device=self.device)
+
+    def cli_args(self) -> list[str]:
+        """`qdylora train` flags that reproduce this config exactly (without --out)."""
+        args = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "out" or value is None or value is False:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif isinstance(value, list):
+                args += [flag, ",".join(map(str, value))]
+            else:
+                args += [flag, repr(value) if isinstance(value, float) else str(value)]
+        return args
+
+
+def load_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON: {exc}") from exc
+    if "train" not in data or "qdylora" not in data:
+        raise RunError(f"{path} is not a training run config")
+    return data

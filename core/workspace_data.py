@@ -379,13 +379,24 @@ def preview_table(rows: list[dict]) -> pd.DataFrame:
 
 TRAIN_LIMITS = {
     "r_max": (1, 256), "alpha": (0.01, 1024.0), "steps": (1, 100_000), "batch_size": (1, 256),
-    "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256),
+    "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256), "ranks_per_step": (1, 256),
 }
+METHOD_LABELS = {"qdylora": "QDyLoRA: one run trains every rank",
+                 "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
+SCALE_LABELS = {"alpha/b": "α / b (DyLoRA, plain LoRA)", "alpha/sqrt(b)": "α / √b (rsLoRA)",
+                "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+def _recipe_defaults() -> dict:
+    """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
+    from core.train_config import TrainConfig
+
+    d = TrainConfig(data="unused", out="unused")
+    return dict(method=d.method, scale=d.scale, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
+                alpha=d.alpha, lr=d.lr, update=d.update)
+
+
 PRESETS = {
-    "Quick demo (CPU, ~5 min)": dict(quant="nf4", r_max=16, alpha=16.0, rank_sampling="uniform", update="full",
-                                     steps=40, batch_size=4, lr=3e-4, max_length=256),
-    "Standard": dict(quant="nf4", r_max=64, alpha=16.0, rank_sampling="uniform", update="full",
-                     steps=300, batch_size=4, lr=2e-4, max_length=512),
+    "Quick demo (CPU, ~5 min)": dict(quant="nf4", r_max=16, steps=40, batch_size=4, max_length=256, **_recipe_defaults()),
+    "Standard": dict(quant="nf4", r_max=64, steps=300, batch_size=4, max_length=512, **_recipe_defaults()),
 }
 
 
@@ -415,6 +426,9 @@ class TrainForm:
     max_length: int = 256
     grad_accum: int = 1
     seed: int = 42
+    method: str = "qdylora"
+    scale: str = "alpha/b"
+    ranks_per_step: int = 1
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -445,7 +459,8 @@ def train_problems(form: TrainForm) -> list[str]:
         TrainConfig(data="unused", out="unused", model="default", quant=form.quant, r_max=form.r_max,
                     alpha=form.alpha, rank_sampling=form.rank_sampling, rank_list=ranks, update=form.update,
                     steps=form.steps, batch_size=form.batch_size, grad_accum=form.grad_accum, lr=form.lr,
-                    max_length=form.max_length, seed=form.seed)
+                    max_length=form.max_length, seed=form.seed, method=form.method, scale=form.scale,
+                    ranks_per_step=form.ranks_per_step)
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
@@ -462,10 +477,26 @@ def train_args(form: TrainForm) -> list[str]:
             "--r-max", form.r_max, "--alpha", form.alpha, "--rank-sampling", form.rank_sampling,
             "--update", form.update, "--steps", form.steps, "--batch-size", form.batch_size,
             "--grad-accum", form.grad_accum, "--lr", form.lr, "--max-length", form.max_length,
-            "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress"]
+            "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress",
+            "--method", form.method, "--scale", form.scale, "--ranks-per-step", form.ranks_per_step]
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
     return [str(a) for a in args]
+
+
+def refine_args(run_dir: Path, rank: int, steps: int, lr: float | None = None) -> list[str]:
+    """CLI arguments of `python -m core train` (without --out) that polish rank b of a finished run
+    as a new run (the parent's recipe at r_max = b, warm-started; see core.refine)."""
+    from core.refine import refine_config
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or not TRAIN_LIMITS["steps"][0] <= steps <= TRAIN_LIMITS["steps"][1]:
+        raise UserError(f"Steps must be a whole number from 1 to {TRAIN_LIMITS['steps'][1]:,} (got {steps}).")
+    cfg = refine_config(Path(run_dir).resolve(), rank, steps, out="unused", lr=lr,
+                        checkpoint_every=max(1, min(10, steps // 4 or 1)))
+    from core.refine import check_warm_start
+
+    check_warm_start(cfg)
+    return [*cfg.cli_args(), "--no-progress"]
 
 
 def default_sweep_ranks(r_max: int) -> list[int]:

@@ -96,6 +96,22 @@ if st.button("Export", type="primary", icon=":material/ios_share:"):
     else:
         ui.go_to("export", export=new.id, run=run.id, sweep=sweep.id if sweep else None, rank=int(rank))
 
+with st.expander(f"Polish rank {int(rank)} before exporting it", icon=":material/auto_fix_high:"):
+    st.markdown(f"Continue training rank {int(rank)} of this run on its own, starting from exactly what it is now. "
+                "The result is a new training run (sweep and export it like any other).")
+    c = st.columns([1, 1, 2], vertical_alignment="bottom")
+    polish_steps = c[0].number_input("Extra steps", 1, wd.TRAIN_LIMITS["steps"][1], 40, key=f"polish-steps-{run.id}")
+    polish_lr = c[1].number_input("Learning rate", 1e-7, 0.1, float((view.config or {}).get("train", {}).get("lr", 2e-4)),
+                                  format="%.5f", key=f"polish-lr-{run.id}")
+    if c[2].button(f"Polish rank {int(rank)}", icon=":material/play_arrow:", key=f"polish-{run.id}"):
+        try:
+            args = wd.refine_args(run.out_dir, int(rank), int(polish_steps), lr=float(polish_lr))
+            new = store.submit("train", f"{run.name}-rank{int(rank)}-polished", args, parent_id=run.id)
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            ui.go_to("train", run=new.id)
+
 previous = [j for j in store.list("export") if j.parent_id == run.id and (export_job is None or j.id != export_job.id)]
 if previous:
     st.subheader("Earlier exports of this run")

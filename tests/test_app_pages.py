@@ -17,6 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.jobs import JobStore
+from core import workspace_data as wd
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "app" / "main.py")
@@ -284,7 +285,9 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert sub["kind"] == "train"
     args = sub["args"]
     assert args[args.index("--r-max") + 1] == "64" and args[args.index("--steps") + 1] == "7"
-    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
+    standard = wd.PRESETS["Standard"]
+    assert args[args.index("--alpha") + 1] == str(standard["alpha"]) and args[args.index("--lr") + 1] == str(standard["lr"])
+    assert args[args.index("--scale") + 1] == standard["scale"] and args[args.index("--method") + 1] == standard["method"]
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
 
@@ -298,7 +301,9 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
         return {label: field(at.number_input, label).value
                 for label in ["r_max (largest rank)", "α (alpha)", "Learning rate", "Steps"]}
 
-    quick = {"r_max (largest rank)": 16, "α (alpha)": 16.0, "Learning rate": 3e-4, "Steps": 40}
+    presets = list(wd.PRESETS.values())
+    assert all(p["lr"] > 1e-6 and p["alpha"] > 1 for p in presets)  # well above the widgets' minimum values
+    quick = {"r_max (largest rank)": 16, "α (alpha)": presets[0]["alpha"], "Learning rate": presets[0]["lr"], "Steps": 40}
     assert shown() == quick
     field(at.number_input, "Steps").set_value(4).run()
     assert shown() == {**quick, "Steps": 4}
@@ -307,7 +312,7 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
     assert not at.exception, [e.value for e in at.exception]
     assert shown() == {**quick, "Steps": 4}
     at.radio(key="preset").set_value("Standard").run()
-    standard = {"r_max (largest rank)": 64, "α (alpha)": 16.0, "Learning rate": 2e-4, "Steps": 300}
+    standard = {"r_max (largest rank)": 64, "α (alpha)": presets[1]["alpha"], "Learning rate": presets[1]["lr"], "Steps": 300}
     assert shown() == standard
     field(at.number_input, "r_max (largest rank)").set_value(8).run()
     at.switch_page("../pages/home.py").run()
@@ -317,7 +322,7 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
     assert not at.warning, [w.value for w in at.warning]
     button(at, "Start training").click().run()
     args = workspace.submitted[-1]["args"]
-    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
+    assert args[args.index("--alpha") + 1] == str(presets[1]["alpha"]) and args[args.index("--lr") + 1] == str(presets[1]["lr"])
     assert args[args.index("--r-max") + 1] == "8" and args[args.index("--steps") + 1] == "300"
 
 
@@ -422,6 +427,20 @@ def test_export_page_prefills_the_recommendation_and_launches(results):
     args = sub["args"]
     assert args[args.index("--rank") + 1] == "2" and "--merge" in args
     assert args[args.index("--sweep") + 1] == str(sweep.out_dir.resolve())
+
+
+def test_export_page_polishes_the_chosen_rank_as_a_new_training_run(results):
+    store, run, sweep, export = results
+    at = app("export", run=run.id, sweep=sweep.id)
+    [n for n in at.number_input if n.label == "Extra steps"][0].set_value(12).run()
+    button(at, "Polish rank 2").click().run()
+    assert not at.error, [e.value for e in at.error]
+    sub = store.submitted[-1]
+    assert sub["kind"] == "train" and sub["parent_id"] == run.id
+    args = sub["args"]
+    assert args[args.index("--init-from") + 1] == str(run.out_dir.resolve())
+    assert args[args.index("--init-rank") + 1] == "2" and args[args.index("--r-max") + 1] == "2"
+    assert args[args.index("--steps") + 1] == "12" and args[args.index("--rank-list") + 1] == "2"
 
 
 def test_export_page_shows_card_snippet_and_download(results):

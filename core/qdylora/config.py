@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core.config_io import ConfigDict
 
@@ -13,6 +13,8 @@ EXTRA_RANKS_CHOICES = ("none", "max", "min_max")
 METHOD_CHOICES = ("qdylora", "svd")
 # Runs written before the scale rule existed were trained with DyLoRA's alpha/b.
 LEGACY_SCALE = "alpha/b"
+# An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
+INFERENCE_SCALE_OF_SVD = "constant"
 
 
 @dataclass
@@ -95,6 +97,13 @@ class QDyLoRAConfig(ConfigDict):
 
     def scale_at(self, rank: int) -> float:
         return lora_scale(self.alpha, rank, self.scale, self.r_max)
+
+
+def inference_config(cfg: QDyLoRAConfig) -> QDyLoRAConfig:
+    """The config that describes the adapter as it is used after training (scale rule included)."""
+    if cfg.method == "svd":
+        return replace(cfg, scale=INFERENCE_SCALE_OF_SVD)
+    return cfg
 
 
 def _finite_number(value) -> bool:

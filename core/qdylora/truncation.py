@@ -8,20 +8,9 @@ the run like any other: the first b rows at the scale the rule gives.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from core.qdylora.config import QDyLoRAConfig, lora_scale
-
-INFERENCE_SCALE_OF_SVD = "constant"
-
-
-def inference_config(cfg: QDyLoRAConfig) -> QDyLoRAConfig:
-    """The config that describes the adapter as it is used after training (scale rule included)."""
-    if cfg.method == "svd":
-        return replace(cfg, scale=INFERENCE_SCALE_OF_SVD)
-    return cfg
+from core.qdylora.config import INFERENCE_SCALE_OF_SVD, QDyLoRAConfig, inference_config, lora_scale  # noqa: F401
 
 
 def svd_ordered_factors(a: torch.Tensor, b: torch.Tensor, scale_from: float, scale_to: float) -> tuple[torch.Tensor, torch.Tensor]:
