@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="measure quality, latency and memory per rank on held-out prompts")
     s.add_argument("--run", help="training run folder to evaluate; not needed with --resume")
-    s.add_argument("--prompts", help="evaluation set (JSONL or CSV); not needed with --resume")
+    s.add_argument("--prompts", nargs="+", help="evaluation set(s) (JSONL or CSV); several files are reported as named sets; "
+                                               "not needed with --resume")
     s.add_argument("--prompt-col", default="prompt")
     s.add_argument("--reference-col", default="reference")
     s.add_argument("--id-col", default="id")

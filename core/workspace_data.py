@@ -25,6 +25,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = PROJECT_ROOT / "sample_data"
 SAMPLE_DATASET = "sample-quillhaven"
 SAMPLE_TRAIN_FILES = ("train.jsonl", "train_chat.jsonl", "train.csv")
-SAMPLE_EVAL_FILES = ("eval.jsonl", "eval.csv")
+SAMPLE_EVAL_FILES = ("eval.jsonl", "eval.csv", "eval_reworded.jsonl", "eval_reworded.csv")
+SAMPLE_EVAL_SETS = ("eval.jsonl", "eval_reworded.jsonl")     # what the sample dataset evaluates on
 DATASETS_DIR = "datasets"
 MAX_UPLOAD_ENV = "RANK_STUDIO_MAX_UPLOAD_MB"
 EXTRA_MODELS_ENV = "RANK_STUDIO_EXTRA_MODELS"
@@ -240,7 +242,17 @@ def _example_row(ex: D.Example) -> dict:
 
 
 def _eval_row(item: D.EvalItem) -> dict:
-    return {"id": item.id, "prompt": item.prompt, "reference": item.reference, "must_include": item.must_include}
+    row = {"id": item.id, "prompt": item.prompt, "reference": item.reference, "must_include": item.must_include}
+    return row | ({D.EVAL_SET_KEY: item.set} if item.set else {})
+
+
+def sample_eval_jsonl() -> bytes:
+    """The sample's two evaluation sets ("FAQ recall": references copied from training answers;
+    "new wordings": the same facts in words never trained on) interleaved in one file, so a
+    sweep reports both and any first-N prompts hold both."""
+    sets = [D.load_eval_set(SAMPLE_DIR / name).items for name in SAMPLE_EVAL_SETS]
+    mixed = [it for group in zip_longest(*sets) for it in group if it is not None]
+    return _jsonl(_eval_row(it) for it in mixed).encode("utf-8")
 
 
 def _jsonl(rows) -> str:
@@ -329,13 +341,13 @@ def create_dataset(
 
 
 def ensure_sample_dataset(workspace: Path) -> DatasetInfo:
-    """The bundled sample (sample_data/train.jsonl + eval.jsonl) as a dataset, made once."""
+    """The bundled sample (sample_data/train.jsonl, both evaluation sets) as a dataset, made once."""
     existing = get_dataset(workspace, SAMPLE_DATASET)
     if existing is not None:
         return existing
     info = create_dataset(
         workspace, SAMPLE_DATASET, (SAMPLE_DIR / "train.jsonl").read_bytes(), "train.jsonl",
-        eval_raw=(SAMPLE_DIR / "eval.jsonl").read_bytes(), eval_filename="eval.jsonl", sample=True,
+        eval_raw=sample_eval_jsonl(), eval_filename="eval.jsonl", sample=True,
     )
     if info.id != SAMPLE_DATASET:           # another process made it at the same moment
         shutil.rmtree(info.folder, ignore_errors=True)

@@ -34,7 +34,8 @@ SUMMARY_COLUMNS = [
     "ttft_ms", "ms_per_token", "tokens_per_s", "ttft_ms_merged", "ms_per_token_merged", "tokens_per_s_merged",
     "adapter_params", "adapter_mb", "base_mb", "peak_mem_mb", "eval_s",
 ]
-PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity"]
+PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity", "set"]
+BY_SET_FILE = "summary_by_set.csv"   # written when the prompts form several named sets
 RANKS_DIR = "ranks"
 log = logging.getLogger("rank_studio.sweep")
 
@@ -72,7 +73,7 @@ class SweepConfig(ConfigDict):
     """Everything that decides a sweep; saved resolved in the sweep folder."""
 
     run: str = field(metadata={"help": "Training run folder to evaluate."})
-    prompts: str = field(metadata={"help": "Evaluation set (JSONL or CSV) with prompt, reference, optional id and must_include."})
+    prompts: str | list[str] = field(metadata={"help": "Evaluation set (JSONL or CSV) with prompt, reference, optional id, must_include and set; or a list of such files, each a named set."})
     out: str = field(metadata={"help": "Sweep folder to create (missing or empty; existing with resume)."})
     ranks: list[int] | None = field(default=None, metadata={"help": "Ranks to measure; 0 = base model. None = 0 and powers of two up to r_max."})
     prompt_col: str = field(default="prompt", metadata={"help": "Column/key of the prompt."})
@@ -115,13 +116,17 @@ class SweepConfig(ConfigDict):
     @classmethod
     def from_cli(cls, args) -> "SweepConfig":
         return cls(
-            run=args.run or "", prompts=args.prompts or "", out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
+            run=args.run or "", prompts=_one_or_list(args.prompts or [""]), out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
             reference_col=args.reference_col, id_col=args.id_col, must_include_col=args.must_include_col,
             metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], max_new_tokens=args.max_new_tokens,
             max_prompts=args.max_prompts, batch_size=args.batch_size, latency=args.latency == "on",
             latency_repeats=args.latency_repeats, recommend_metric=args.recommend_metric,
             threshold=args.threshold, seed=args.seed,
         )
+
+
+def _one_or_list(paths: list[str]) -> str | list[str]:
+    return paths[0] if len(paths) == 1 else paths
 
 
 @dataclass
@@ -270,6 +275,16 @@ def summarize_rank(rank: int, rows: list[dict], metrics: list[str], cfg: SweepCo
     return summary
 
 
+def summaries_by_set(results: dict[int, dict], cfg: SweepConfig) -> list[dict]:
+    """Quality per (named set, rank) when the prompts form more than one set; [] otherwise."""
+    sets = list(dict.fromkeys(row.get("set", "") for b in sorted(results) for row in results[b]["rows"]))
+    if len(sets) < 2:
+        return []
+    metrics = [m for m in cfg.metrics if any(m in row for b in results for row in results[b]["rows"])]
+    return [{"set": name} | summarize_rank(b, [r for r in results[b]["rows"] if r.get("set", "") == name], metrics, cfg)
+            for name in sets for b in sorted(results)]
+
+
 def write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -300,6 +315,9 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
     summary = [results[b]["summary"] for b in ranks]
     write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
     write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, [row for b in ranks for row in results[b]["rows"]])
+    by_set = summaries_by_set(results, cfg)
+    if by_set:
+        write_table(out / BY_SET_FILE, ["set", *SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("ttft_ms")]], by_set)
     recommendation = None
     metric = cfg.recommend_metric if cfg.recommend_metric in cfg.metrics else cfg.metrics[0]
     if any(b > 0 for b in ranks):
@@ -351,7 +369,7 @@ class Sweep:
 
     def validate(self) -> None:
         """Every check that needs no model, before anything is written."""
-        from core.data import load_eval_set
+        from core.data import load_eval_sets
         from core.runs import run_info
 
         if self.resume:
@@ -370,8 +388,8 @@ class Sweep:
         self.r_max = info["config"]["qdylora"]["r_max"]
         self.ranks = parse_ranks(self.cfg.ranks, self.r_max)
         self.cfg.ranks = self.ranks
-        eval_set = load_eval_set(self.cfg.prompts, prompt_col=self.cfg.prompt_col, reference_col=self.cfg.reference_col,
-                                 id_col=self.cfg.id_col, must_include_col=self.cfg.must_include_col)
+        eval_set = load_eval_sets(self.cfg.prompts, prompt_col=self.cfg.prompt_col, reference_col=self.cfg.reference_col,
+                                  id_col=self.cfg.id_col, must_include_col=self.cfg.must_include_col)
         self.items = eval_set.items[: self.cfg.max_prompts] if self.cfg.max_prompts else eval_set.items
         if not self.items:
             raise UserError(f"{self.cfg.prompts}: no evaluation prompts")
@@ -455,7 +473,7 @@ class Sweep:
         from core.runs import generate
 
         loaded = self.loaded
-        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference} for it in chunk]
+        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference, "set": it.set} for it in chunk]
         if "ref_nll" in self.metrics:
             for row, (nll_sum, count) in zip(rows, measure_nll(loaded.model, loaded.tokenizer, chunk, self.cfg.batch_size)):
                 row["ref_nll"] = nll_sum / count if count else math.nan
