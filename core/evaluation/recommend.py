@@ -81,12 +81,12 @@ class MetricSpec:
 METRICS: dict[str, MetricSpec] = {
     "ref_nll": MetricSpec(
         "Reference loss", "reference NLL", False,
-        "how surprised the model is by the reference answer, per token (negative log-likelihood); lower is better",
+        "how surprised the model is by the reference answer, per token — its negative log-likelihood; lower is better",
         unit="nats/token", decimals=2,
     ),
     "rouge_l": MetricSpec(
         "Word overlap", "ROUGE-L", True,
-        "share of the reference's words that the answer repeats in order (ROUGE-L F-measure); higher is better",
+        "share of the reference's words that the answer repeats in order — the ROUGE-L F-measure; higher is better",
         percent=True, decimals=0,
     ),
     "fact_recall": MetricSpec(
@@ -96,7 +96,7 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "similarity": MetricSpec(
         "Meaning match", "embedding similarity", True,
-        "how close the answer's meaning is to the reference (cosine of sentence embeddings, up to 1); higher is better",
+        "how close the answer's meaning is to the reference, from 1 (same meaning) down — the cosine of sentence embeddings; higher is better",
         decimals=2,
     ),
 }
@@ -213,14 +213,14 @@ def _value_at_gain(metric: str, best_value: float, gain: float) -> float:
 
 def _span_words(low: float, high: float) -> str:
     """Relative gaps (positive = worse), low <= high, as words: "between 0.3 % and 2 % worse"."""
-    same = _pct(low) == _pct(high)
-    if _pct(low) == _pct(0.0) and high > 0:
-        return f"at most {_pct(high)} worse"
+    same = percent(low) == percent(high)
+    if percent(low) == percent(0.0) and high > 0:
+        return f"at most {percent(high)} worse"
     if low >= 0:
-        return f"{_pct(high)} worse" if same else f"between {_pct(low)} and {_pct(high)} worse"
+        return f"{percent(high)} worse" if same else f"between {percent(low)} and {percent(high)} worse"
     if high <= 0:
-        return f"{_pct(low)} better" if same else f"between {_pct(high)} and {_pct(low)} better"
-    return f"between {_pct(low)} better and {_pct(high)} worse"
+        return f"{percent(low)} better" if same else f"between {percent(high)} and {percent(low)} better"
+    return f"between {percent(low)} better and {percent(high)} worse"
 
 
 def _gain_span(metric: str, reference: float, lo: float, hi: float) -> str:
@@ -281,17 +281,18 @@ def _paired(values: pd.DataFrame, weights: pd.Series, metric: str, rank: int, ot
     return iv.mean, iv.lo, iv.hi, iv.n
 
 
-def _pct(share: float) -> str:
-    """A share as a rounded percentage ("3 %", "0.4 %")."""
+def percent(share: float) -> str:
+    """A share as a rounded percentage of its size ("3 %", "0.4 %"; the sign is dropped)."""
     p = 100 * abs(share)
     return f"{p:.1f} %" if p < 9.95 and round(p, 1) != round(p) else f"{p:.0f} %"
 
 
-def _ranks_words(ranks: list[int]) -> str:
-    ranks = [str(r) for r in ranks]
-    if len(ranks) <= 1:
-        return "".join(ranks)
-    return ", ".join(ranks[:-1]) + " and " + ranks[-1]
+def join_words(items) -> str:
+    """"a", "a and b", "a, b and c"."""
+    items = [str(x) for x in items]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _fact_warnings(per_prompt: pd.DataFrame, ranks: list[int]) -> list[str]:
@@ -355,7 +356,7 @@ def recommend_rank(
     candidates = [r for r in sorted(means) if r > 0 and not math.isnan(means[r])]
     no_value = [r for r in sorted(means) if r > 0 and math.isnan(means[r])]
     if no_value:
-        notes.append(f"Ignored rank(s) with no {spec.label.lower()} value: {_ranks_words(no_value)}.")
+        notes.append(f"Ignored rank(s) with no {spec.label.lower()} value: {join_words(no_value)}.")
     base_value = means.get(0)
     if base_value is not None and math.isnan(base_value):
         base_value = None
@@ -409,7 +410,7 @@ def recommend_rank(
     by_rank = {int(row["rank"]): row for row in rows}
     warnings = _fact_warnings(per_prompt, candidates)
     conf = f"{confidence:.0%}".replace("%", " %")
-    tol_words = f"±{_pct(1 - threshold)}" if threshold < 1 else "no tolerance"
+    tol_words = f"±{percent(1 - threshold)}" if threshold < 1 else "no tolerance"
     label = spec.label.lower()
 
     def finish(rank, verdict, headline, reason, acceptable) -> Recommendation:
@@ -442,9 +443,9 @@ def recommend_rank(
     if chosen == best_rank and unclear:
         safe = unclear[0]
         others = [r for r in unclear if r != safe]
-        told = (f" (rank{'s' if len(worse) > 1 else ''} {_ranks_words(worse)} measurably worse)" if worse else "")
+        told = (f" (rank{'s' if len(worse) > 1 else ''} {join_words(worse)} measurably worse)" if worse else "")
         reason = (f"The ranks cannot be told apart on these {n_prompts} prompts — add prompts or train longer. "
-                  f"Rank{'s' if others else ''} {_ranks_words(unclear)} might be as good as the best, rank "
+                  f"Rank{'s' if others else ''} {join_words(unclear)} might be as good as the best, rank "
                   f"{best_rank}, or worse by more than the tolerated {tol_words}: paired over the same prompts, rank "
                   f"{safe} is {_gain_span(metric, best_value, by_rank[safe]['vs_best_lo'], by_rank[safe]['vs_best_hi'])}"
                   f" on {label} ({conf}){told}. The smallest rank, {safe}, is the safe pick: nothing shows it is worse.")
@@ -468,7 +469,7 @@ def recommend_rank(
               f"confidence){base_words}: paired over the same {n_prompts} prompts, it is {span} on {label} "
               f"({spec.show(means[chosen])} against {spec.show(best_value)}).")
     if unclear:
-        reason += (f" Rank{'s' if len(unclear) > 1 else ''} {_ranks_words(unclear)} could not be told apart from "
+        reason += (f" Rank{'s' if len(unclear) > 1 else ''} {join_words(unclear)} could not be told apart from "
                    "the best either; more prompts would show whether a smaller rank is enough.")
     return finish(chosen, AS_GOOD, f"Choose rank {chosen}", reason, acceptable)
 
