@@ -123,7 +123,7 @@ def rank_card_markdown(card: dict, with_snippet: bool = True) -> str:
               "## Details", "",
               f"- Base model: {model['name']}" + (f" (hub id `{hub}`)" if hub else "") + f"; local copy `{model['path']}`",
               f"- Trained on the base in {model['quant']} with compute dtype {model.get('compute_dtype', '?')}",
-              f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale {w.number(card['scale'], 3)}",
+              f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale {float(card['scale']):.4g}",
               f"- Adapted layers: {card.get('adapted_layers', '?')} ({', '.join(card.get('target_modules', []))})",
               "- Files: " + ", ".join(f"{name} {w.mb(size / 2**20)}" for name, size in card.get("file_sizes", {}).items())]
     if with_snippet:

@@ -14,7 +14,6 @@ from core.evaluation import wording as w
 from core.evaluation.metrics import fact_hits
 from core.evaluation.recommend import (
     AS_GOOD,
-    CANNOT_TELL,
     METRICS,
     default_metric,
     recommend_across_metrics,
@@ -102,13 +101,7 @@ rec = recs[metric]
 chosen = rec.rank
 
 with decision_box:
-    if rec.verdict == AS_GOOD:
-        title = f"Use rank {chosen}"
-    elif rec.verdict == CANNOT_TELL:
-        title = f"Use rank {chosen} — the safe pick; the ranks cannot be told apart yet"
-    else:
-        title = "Keep the base model: no rank beats it" if rec.rank is None and rec.base_value is not None else rec.headline
-    body = f"### {title}\n{w.rank_sentence(summary, rec)}\n\n{rec.reason}"
+    body = f"### {w.decision_title(rec)}\n{w.rank_sentence(summary, rec)}\n\n{rec.reason}"
     box = {"success": st.success, "warning": st.warning, "error": st.error}[w.verdict_style(rec.verdict)]
     box(body, icon=":material/star:" if rec.verdict == AS_GOOD else ":material/help:")
     for warning in rec.warnings:
@@ -141,14 +134,14 @@ with tab_s:
         row = summary[summary["rank"] == (chosen if chosen is not None else int(summary["rank"].max()))]
         if not row.empty:
             r = row.iloc[0].to_dict()
-            cols = st.columns(3)
-            cols[0].metric("Served merged, per token", w.ms_range(r.get("ms_per_token_merged"), r.get("ms_per_token_merged_lo"),
-                                                                 r.get("ms_per_token_merged_hi")))
-            cols[1].metric("With adapter on 4-bit base, per token", w.ms_range(r.get("ms_per_token"), r.get("ms_per_token_lo"),
-                                                                            r.get("ms_per_token_hi")))
-            cols[2].metric("First token, served merged", w.ms(r.get("ttft_ms_merged")))
-            st.caption(f"Rank {int(r['rank'])}: median of the timed runs at batch size 1, with the fastest–slowest run "
-                       "in brackets.")
+            for col, (key, label) in zip(st.columns(3), [("ms_per_token_merged", "Served merged, per token"),
+                                                         ("ms_per_token", "With adapter on 4-bit base, per token"),
+                                                         ("ttft_ms_merged", "First token, served merged")]):
+                col.metric(label, w.ms(r.get(key)))
+                spread = w.ms_spread(r.get(f"{key}_lo"), r.get(f"{key}_hi"))
+                if spread:
+                    col.caption(f"fastest–slowest run: {spread}")
+            st.caption(f"{w.rank_label(r['rank'])}: medians of the timed runs at batch size 1.")
 
 with tab_m:
     fig = ui.memory_chart(summary, chosen)
@@ -167,11 +160,12 @@ with tab_grid:
     cells, kinds = T.prompt_grid(per_prompt, metric, threshold, prompt_facts, only=degrading if only else None)
     styled = cells.style.apply(lambda _: kinds.map(lambda k: f"background-color: {GRID_COLORS[k]}" if k else ""), axis=None)
     st.dataframe(styled)
+    unit_words = f" (in {METRICS[metric].unit})" if METRICS[metric].unit else ""
     if prompt_facts:
-        st.caption(f"Each cell: the prompt's {METRICS[metric].label.lower()} at that rank, then its must-include "
+        st.caption(f"Each cell: the prompt's {METRICS[metric].label.lower()}{unit_words} at that rank, then its must-include "
                    "facts found (✓) or missing (✗) in the answer. Green: every fact found; yellow: some; red: none.")
     else:
-        st.caption(f"Each cell: the prompt's {METRICS[metric].label.lower()} at that rank. Red: worse than the prompt's "
+        st.caption(f"Each cell: the prompt's {METRICS[metric].label.lower()}{unit_words} at that rank. Red: worse than the prompt's "
                    f"own highest-rank answer by more than {tolerance_pct} %. (This evaluation set has no must-include "
                    "facts to check.)")
     st.markdown("**Which prompts degrade first as the rank drops**")
@@ -213,7 +207,7 @@ with tab_play:
     folder = pg.folder_for(ui.workspace(), run_dir) if run_dir else None
     st.markdown("Ask your own question and read the answers of several ranks, and of the base model, side by side. "
                 "The run is loaded once in a helper process; answers appear as they are written.")
-    c = st.columns([3, 2, 1], vertical_alignment="bottom")
+    c = st.columns([5, 4, 2], vertical_alignment="bottom")
     question = c[0].text_area("Your question", key="pg-question", max_chars=pg.MAX_PROMPT_CHARS, height=80,
                               placeholder="e.g. " + str(per_prompt["prompt"].iloc[0]))
     pg_ranks = c[1].multiselect("Ranks (0 = base model)", list(range(r_max + 1)), key="pg-ranks", format_func=w.rank_label,
@@ -281,11 +275,11 @@ st.subheader("Decision report")
 st.caption("One page with the decision, the reason, the charts, five example answers, the recipe and the measurement "
            "conditions: something to forward.")
 html, zipped, title = report(sweep_dir, stamp, metric, threshold)
-c = st.columns([2, 2, 3])
-c[0].download_button("Decision report (HTML)", html, f"{job.out_dir.name}-decision-report.html", "text/html",
+c = st.container(horizontal=True)
+c.download_button("Decision report (HTML)", html, f"{job.out_dir.name}-decision-report.html", "text/html",
                      type="primary", icon=":material/description:", on_click="ignore", key="cmp-report-html")
-c[1].download_button("Decision report (Markdown + charts, .zip)", zipped, f"{job.out_dir.name}-decision-report.zip",
+c.download_button("Decision report (Markdown + charts, .zip)", zipped, f"{job.out_dir.name}-decision-report.zip",
                      "application/zip", icon=":material/folder_zip:", on_click="ignore", key="cmp-report-md")
 if chosen is not None:
-    if c[2].button(f"Export rank {chosen} →", type="primary", icon=":material/download:"):
+    if c.button(f"Export rank {chosen} →", icon=":material/ios_share:"):
         ui.go_to("export", run=job.parent_id, sweep=job.id, rank=chosen)

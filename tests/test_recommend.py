@@ -96,6 +96,12 @@ def test_not_measurably_better_than_base_means_no_rank():
     assert "not measurably better than the base model" in rec.reason
 
 
+def test_too_few_prompts_cannot_decide():
+    rec = recommend_rank(rows({0: [3.0, 3.1], 1: [1.0, 1.1], 2: [1.5, 1.4]}))
+    assert (rec.verdict, rec.rank) == (CANNOT_TELL, 1)
+    assert rec.reason.startswith("Only 2 prompts measured: too few to tell the ranks or the base model apart")
+
+
 # ------------------------------------------------------------- one noisy prompt
 
 

@@ -187,3 +187,19 @@ def test_rank_card_carries_the_report_numbers_rounded(sweep, tmp_path):
     report = report_for_sweep(sw)
     for number in ("1.48 (1.42–1.54) nats/token", "412 ms (380–450 ms)"):
         assert number in report.markdown                     # the same numbers, the same way
+
+
+def test_report_command_writes_the_report_and_refuses_a_used_folder(sweep, tmp_path, cli_in_process):
+    out = tmp_path / "report"
+    code, err = cli_in_process("report", "--sweep", str(sweep[1]), "--out", str(out))
+    assert code == 0, err
+    assert "decision report: rank 2" in err
+    assert (out / "decision_report.md").read_text().startswith("# Decision report: my-run")
+    assert (out / "charts" / "quality.png").is_file() and (out / "decision_report.html").is_file()
+    before = sorted(p.name for p in out.rglob("*"))
+    code, err = cli_in_process("report", "--sweep", str(sweep[1]), "--out", str(out))
+    assert code == 2 and "already holds files" in err and sorted(p.name for p in out.rglob("*")) == before
+    code, err = cli_in_process("report", "--sweep", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2"))
+    assert code == 2 and "not a sweep folder" in err and not (tmp_path / "r2").exists()
+    code, err = cli_in_process("report", "--sweep", str(sweep[1]), "--out", str(tmp_path / "r3"), "--threshold", "2")
+    assert code == 2 and "--threshold" in err and not (tmp_path / "r3").exists()

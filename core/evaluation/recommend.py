@@ -22,7 +22,8 @@ The verdict is one of three things (see `recommend_rank`):
   the best and measurably better than the base model (or the best itself, when every
   smaller rank is measurably worse);
 - CANNOT_TELL: the smaller ranks cannot be told apart from the best — add prompts or
-  train longer; the smallest rank not shown to be worse is the safe pick;
+  train longer; the smallest rank not shown to be worse is the safe pick (also when
+  fewer than MIN_PROMPTS prompts were measured: then nothing can be told apart);
 - NO_GAIN: no rank is measurably better than the base model (rank None).
 """
 from __future__ import annotations
@@ -41,8 +42,7 @@ from core.evaluation.stats import bootstrap_ratio_ci
 class MetricSpec:
     """How to read and show one quality metric.
 
-    label: the name people see ("Reference loss").
-    technical: the name in papers and in the CSV's sense ("reference NLL").
+    label: the name people see ("Reference loss"); the CSV keeps the technical key.
     higher_is_better: direction of "better".
     description: one line on what it measures, in plain words.
     unit: unit shown after a value ("" when none; percent values carry "%").
@@ -51,7 +51,6 @@ class MetricSpec:
     """
 
     label: str
-    technical: str
     higher_is_better: bool
     description: str
     unit: str = ""
@@ -67,35 +66,25 @@ class MetricSpec:
         text = f"{float(value):.{self.decimals}f}"
         return f"{text} {self.unit}" if unit and self.unit else text
 
-    def show_difference(self, value) -> str:
-        """A difference in this metric's units, with its sign ("+0.03 nats/token", "−4 points")."""
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "—"
-        if self.percent:
-            text = f"{100 * abs(float(value)):.{self.decimals}f} points"
-        else:
-            text = f"{abs(float(value)):.{self.decimals}f}" + (f" {self.unit}" if self.unit else "")
-        return ("−" if value < 0 else "+") + text
-
 
 METRICS: dict[str, MetricSpec] = {
     "ref_nll": MetricSpec(
-        "Reference loss", "reference NLL", False,
+        "Reference loss", False,
         "how surprised the model is by the reference answer, per token — its negative log-likelihood; lower is better",
         unit="nats/token", decimals=2,
     ),
     "rouge_l": MetricSpec(
-        "Word overlap", "ROUGE-L", True,
+        "Word overlap", True,
         "share of the reference's words that the answer repeats in order — the ROUGE-L F-measure; higher is better",
         percent=True, decimals=0,
     ),
     "fact_recall": MetricSpec(
-        "Facts included", "fact recall", True,
+        "Facts included", True,
         "share of the must-include facts that appear in the answer; higher is better",
         percent=True, decimals=0,
     ),
     "similarity": MetricSpec(
-        "Meaning match", "embedding similarity", True,
+        "Meaning match", True,
         "how close the answer's meaning is to the reference, from 1 (same meaning) down — the cosine of sentence embeddings; higher is better",
         decimals=2,
     ),
@@ -120,6 +109,9 @@ STATUS_WORDS = {
     "cannot_tell": "cannot tell", "base": "base model", "no_value": "no value",
 }
 
+# Fewer prompts than this cannot tell ranks apart: a bootstrap over two or three prompts
+# gives ranges far narrower than the truth.
+MIN_PROMPTS = 5
 # Below these, answers are said to miss the reference facts even at the best rank.
 FACT_RECALL_WARN = 0.75      # fewer than 3 in 4 must-include facts found
 SIMILARITY_WARN = 0.6        # all-MiniLM cosine: on-topic answers with wrong facts land around 0.4-0.6
@@ -416,6 +408,13 @@ def recommend_rank(
     def finish(rank, verdict, headline, reason, acceptable) -> Recommendation:
         return Recommendation(rank, verdict, headline, " ".join([reason, *notes]), metric, threshold, confidence, tol,
                               best_rank, best_value, base_value, n_prompts, acceptable, table, warnings, notes)
+
+    if n_prompts < MIN_PROMPTS:
+        safe = candidates[0]
+        reason = (f"Only {n_prompts} prompt{'s' if n_prompts != 1 else ''} measured: too few to tell the ranks or the "
+                  f"base model apart (a decision needs at least {MIN_PROMPTS}, better 20 or more) — add prompts. "
+                  f"The smallest rank, {safe}, is the safe pick.")
+        return finish(safe, CANNOT_TELL, f"Too few prompts to decide: rank {safe} is the safe pick", reason, [])
 
     best_row = by_rank[best_rank]
     if base_value is not None and not best_row["beats_base"]:

@@ -244,8 +244,7 @@ def build_report(view, run_config: dict | None = None, data_report: dict | None 
     doc = Doc()
     title = f"Decision report: {name}"
     doc.add("h", 1, title)
-    decision = f"Use rank {chosen}" if chosen is not None else "Keep the base model"
-    doc.add("p", f"**{decision}.** {w.rank_sentence(summary, rec, chosen)}".strip())
+    doc.add("p", f"**{w.decision_title(rec, rank)}.** {w.rank_sentence(summary, rec, chosen)}".strip())
     doc.add("note", w.verdict_style(rec.verdict), f"**Verdict: {VERDICT_WORDS[rec.verdict]}.** {rec.reason}")
     if rank is not None and rank != rec.rank:
         doc.add("note", "warning", f"Rank {rank} was chosen by hand; the measurements recommend "

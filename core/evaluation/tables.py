@@ -70,7 +70,7 @@ def facts_by_prompt(per_prompt: pd.DataFrame | None) -> dict[str, list[str]]:
     return out
 
 
-def prompt_label(pid, prompt, width: int = 70) -> str:
+def prompt_label(pid, prompt, width: int = 50) -> str:
     text = " ".join(str(prompt).split())
     return f"{pid} · {text if len(text) <= width else text[: width - 1] + '…'}"
 
@@ -105,7 +105,7 @@ def prompt_grid(per_prompt: pd.DataFrame, metric: str, threshold: float, facts: 
         ids = [i for i in dict.fromkeys(str(x) for x in only) if i in set(ids) and i in keep]
     prompts = df.drop_duplicates("id").set_index("id")["prompt"]
     columns = rank_column(ranks)
-    cells = pd.DataFrame("", index=[prompt_label(i, prompts[i]) for i in ids], columns=columns)
+    cells = pd.DataFrame("", index=[prompt_label(i, prompts[i], width=45) for i in ids], columns=columns)
     kinds = pd.DataFrame("", index=cells.index, columns=columns)
     by = df.set_index(["id", "rank"])
     for pid, label in zip(ids, cells.index):
@@ -116,7 +116,7 @@ def prompt_grid(per_prompt: pd.DataFrame, metric: str, threshold: float, facts: 
                 continue
             row = by.loc[(pid, r)]
             value = row.get(metric)
-            text = spec.show(value)
+            text = spec.show(value, unit=False)
             hits = fact_hits(str(row.get("answer") or ""), facts.get(pid, []))
             if hits:
                 text += "  " + _fact_words(hits)

@@ -39,10 +39,6 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def number(value, decimals: int = 2) -> str:
-    return "—" if _missing(value) else f"{float(value):,.{decimals}f}"
-
-
 def ms(value) -> str:
     """Milliseconds for people: "8.2 ms", "410 ms", "3.3 s"."""
     if _missing(value):
@@ -53,16 +49,22 @@ def ms(value) -> str:
     return f"{v:.1f} ms" if v < 10 else f"{v:.0f} ms"
 
 
+def ms_spread(lo, hi) -> str:
+    """A fastest–slowest range: "380–450 ms", "2.7–3.1 s"; "" when unknown or a single value."""
+    if _missing(lo) or _missing(hi) or ms(lo) == ms(hi):
+        return ""
+    low, high = ms(lo), ms(hi)
+    if low.split()[-1] == high.split()[-1]:          # same unit: "380–450 ms"
+        low = low.rsplit(" ", 1)[0]
+    return f"{low}–{high}"
+
+
 def ms_range(value, lo=None, hi=None) -> str:
     """A median with its spread: "410 ms (380–450 ms)"."""
     if _missing(value):
         return "—"
-    if _missing(lo) or _missing(hi) or ms(lo) == ms(hi):
-        return ms(value)
-    low, high = ms(lo), ms(hi)
-    if low.split()[-1] == high.split()[-1]:          # same unit: "380–450 ms"
-        low = low.rsplit(" ", 1)[0]
-    return f"{ms(value)} ({low}–{high})"
+    spread = ms_spread(lo, hi)
+    return f"{ms(value)} ({spread})" if spread else ms(value)
 
 
 def mb(value) -> str:
@@ -163,6 +165,20 @@ def memory_words(summary: pd.DataFrame, rank: int | None) -> str:
         text += (f" The sweep process peaked at {mb(summary['peak_mem_mb'].max())} (everything it had loaded: "
                  "the 4-bit model, the merged copy used for timing, the metric models).")
     return text.strip()
+
+
+def decision_title(rec: Recommendation, rank: int | None = None) -> str:
+    """The decision as a title: "Use rank 2", "Use rank 1 — the safe pick; …", "Keep the base model: …"."""
+    chosen = rec.rank if rank is None else rank
+    if rank is not None and rank != rec.rank:
+        return f"Use rank {rank}"
+    if rec.verdict == AS_GOOD:
+        return f"Use rank {chosen}"
+    if rec.verdict == CANNOT_TELL:
+        return f"Use rank {chosen} — the safe pick; the ranks cannot be told apart yet"
+    if rec.verdict == NO_GAIN:
+        return "Keep the base model: no rank beats it"
+    return rec.headline
 
 
 def verdict_style(verdict: str) -> str:
