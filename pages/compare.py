@@ -49,11 +49,11 @@ def facts(sweep_dir: str, stamp: float) -> dict:
 
 
 @st.cache_data(show_spinner="Writing the decision report…", max_entries=8)
-def report(sweep_dir: str, stamp: float, metric: str, threshold: float) -> tuple[str, bytes, str]:
+def report(sweep_dir: str, stamp: float, metric: str, threshold: float) -> tuple[str, bytes]:
     from core.evaluation.report import report_for_sweep
 
     built = report_for_sweep(sweep_dir, metric, threshold)
-    return built.html, built.markdown_zip(f"decision-report-{built.title.split(': ', 1)[-1]}"), built.title
+    return built.html, built.markdown_zip("decision-report")
 
 
 sweeps = [j for j in store.list("sweep") if (j.out_dir / "summary.csv").is_file()]
@@ -212,7 +212,7 @@ with tab_play:
                               placeholder="e.g. " + str(per_prompt["prompt"].iloc[0]))
     pg_ranks = c[1].multiselect("Ranks (0 = base model)", list(range(r_max + 1)), key="pg-ranks", format_func=w.rank_label,
                                 default=sorted({0, chosen or 0, r_max}))
-    tokens = c[2].number_input("Answer length", 8, pg.MAX_NEW_TOKENS, 96, step=8, key="pg-tokens",
+    tokens = c[2].number_input("Answer length", 8, pg.MAX_NEW_TOKENS, 64, step=8, key="pg-tokens",
                                help="Most tokens per answer")
     buttons = st.container(horizontal=True)
     if buttons.button("Ask", type="primary", icon=":material/send:", key="pg-ask", disabled=folder is None):
@@ -274,12 +274,14 @@ with tab_all:
 st.subheader("Decision report")
 st.caption("One page with the decision, the reason, the charts, five example answers, the recipe and the measurement "
            "conditions: something to forward.")
-html, zipped, title = report(sweep_dir, stamp, metric, threshold)
 c = st.container(horizontal=True)
-c.download_button("Decision report (HTML)", html, f"{job.out_dir.name}-decision-report.html", "text/html",
-                     type="primary", icon=":material/description:", on_click="ignore", key="cmp-report-html")
-c.download_button("Decision report (Markdown + charts, .zip)", zipped, f"{job.out_dir.name}-decision-report.zip",
-                     "application/zip", icon=":material/folder_zip:", on_click="ignore", key="cmp-report-md")
+# Built on the first click only (charts take a second or two), then cached.
+c.download_button("Decision report (HTML)", lambda: report(sweep_dir, stamp, metric, threshold)[0],
+                  f"{job.out_dir.name}-decision-report.html", "text/html", type="primary",
+                  icon=":material/description:", on_click="ignore", key="cmp-report-html")
+c.download_button("Decision report (Markdown + charts, .zip)", lambda: report(sweep_dir, stamp, metric, threshold)[1],
+                  f"{job.out_dir.name}-decision-report.zip", "application/zip", icon=":material/folder_zip:",
+                  on_click="ignore", key="cmp-report-md")
 if chosen is not None:
     if c.button(f"Export rank {chosen} →", icon=":material/ios_share:"):
         ui.go_to("export", run=job.parent_id, sweep=job.id, rank=chosen)

@@ -51,11 +51,13 @@ def finished_export(job) -> None:
             key=f"zip-merged-{job.id}", on_click="ignore")
     sweep_dir = (card.get("measured") or {}).get("sweep")
     if sweep_dir and (Path(sweep_dir) / "summary.csv").is_file():
-        html, zipped = decision_report(sweep_dir, (Path(sweep_dir) / "summary.csv").stat().st_mtime, int(card["rank"]))
-        c = st.columns(2)
-        c[0].download_button("Decision report (HTML)", html, f"{job.out_dir.name}-decision-report.html", "text/html",
-                             icon=":material/description:", key=f"report-html-{job.id}", on_click="ignore")
-        c[1].download_button("Decision report (Markdown + charts, .zip)", zipped,
+        stamp = (Path(sweep_dir) / "summary.csv").stat().st_mtime
+        c = st.container(horizontal=True)
+        c.download_button("Decision report (HTML)", lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[0],
+                          f"{job.out_dir.name}-decision-report.html", "text/html",
+                          icon=":material/description:", key=f"report-html-{job.id}", on_click="ignore")
+        c.download_button("Decision report (Markdown + charts, .zip)",
+                          lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[1],
                              f"{job.out_dir.name}-decision-report.zip", "application/zip",
                              icon=":material/folder_zip:", key=f"report-md-{job.id}", on_click="ignore")
     st.markdown("**Load it with PEFT** (on any machine: the base model comes from the hub where it has a hub id)")

@@ -497,6 +497,8 @@ def test_dashboard_process_never_imports_torch(tmp_path):
         "    if page == 'export':\n"
         "        assert 'Decision report (HTML)' in [d.label for d in at.get('download_button')]\n"
         "pg.stop(pg.folder_for(store.workspace, run.out_dir))\n"
+        "from core.evaluation.report import report_for_sweep\n"
+        "assert report_for_sweep(sweep.out_dir).charts\n"
         "from core.workspace_data import TrainForm, train_problems\n"
         "problems = train_problems(TrainForm(dataset=None, r_max=8, lr=2.0))\n"
         "assert any('lr' in p.lower() for p in problems), problems\n"
