@@ -357,7 +357,7 @@ def speed_chart(summary: pd.DataFrame, chosen: int | None) -> go.Figure | None:
     return _layout(fig, "Milliseconds per token (lower is faster; bars: fastest–slowest run)", "rank", "ms per token")
 
 
-def memory_chart(summary: pd.DataFrame, chosen: int | None) -> go.Figure | None:
+def memory_chart(summary: pd.DataFrame, chosen: int | None, quant: str | None = "nf4") -> go.Figure | None:
     """Weights per rank: the 4-bit base plus the adapter (stacked), and the merged
     full-precision copy as a dashed line."""
     if "base_mb" not in summary or not summary["base_mb"].notna().any():
@@ -366,7 +366,7 @@ def memory_chart(summary: pd.DataFrame, chosen: int | None) -> go.Figure | None:
     x = list(range(len(ranks)))
     adapter = summary["adapter_mb"].fillna(0) if "adapter_mb" in summary else pd.Series([0.0] * len(ranks))
     fig = go.Figure()
-    fig.add_bar(x=x, y=summary["base_mb"], name="4-bit base model", marker_color=GREY,
+    fig.add_bar(x=x, y=summary["base_mb"], name=f"{w.base_kind(quant)} base model", marker_color=GREY,
                 hovertemplate="base model %{y:.0f} MB<extra></extra>")
     fig.add_bar(x=x, y=adapter, name="adapter", marker_color=GREEN, text=[f"+{w.mb(v)}" if v else "" for v in adapter],
                 textposition="outside", hovertemplate="adapter %{y:.2f} MB<extra></extra>")

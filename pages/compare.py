@@ -144,12 +144,13 @@ with tab_s:
             st.caption(f"{w.rank_label(r['rank'])}: medians of the timed runs at batch size 1.")
 
 with tab_m:
-    fig = ui.memory_chart(summary, chosen)
+    quant = (((view.meta or {}).get("run_meta") or {}).get("model") or {}).get("quant")
+    fig = ui.memory_chart(summary, chosen, quant)
     if fig is None:
         st.info("This sweep did not record memory.")
     else:
         st.plotly_chart(fig, key="chart-memory")
-        st.markdown(w.memory_words(summary, chosen))
+        st.markdown(w.memory_words(summary, chosen, quant))
 
 with tab_grid:
     deg = degradation(sweep_dir, stamp, metric, threshold)

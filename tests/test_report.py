@@ -134,6 +134,11 @@ def test_summary_table_and_sentences():
                                              "2× smaller than rank 4 and as fast when merged.")
     assert w.rank_sentence(summary, rec, 4) == ("Rank 4 is the best rank on reference loss.")
     assert w.ms(3300) == "3.3 s" and w.ms(8.25) == "8.2 ms" and w.mb(0.04) == "0.04 MB" and w.times(8) == "8×"
+    assert w.memory_words(summary, 2).startswith("The 4-bit base model's weights take 166 MB and the rank-2 adapter "
+                                                 "adds 0.28 MB. Merged into a full-precision copy")
+    untimed = summary.drop(columns=["merged_mb"])
+    words = w.memory_words(untimed, 2, quant="none")
+    assert words.startswith("The full-precision base model's") and "merged copy" not in words
 
 
 def test_across_metrics_words_name_the_disagreement():

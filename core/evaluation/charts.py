@@ -111,7 +111,7 @@ def speed_chart(summary: pd.DataFrame, chosen: int | None) -> bytes | None:
     return _png(fig)
 
 
-def memory_chart(summary: pd.DataFrame, chosen: int | None) -> bytes | None:
+def memory_chart(summary: pd.DataFrame, chosen: int | None, quant: str | None = "nf4") -> bytes | None:
     """Weights in memory per rank: the 4-bit base plus the adapter, and (dashed) the merged
     full-precision copy you would serve."""
     if "base_mb" not in summary or not summary["base_mb"].notna().any():
@@ -121,7 +121,7 @@ def memory_chart(summary: pd.DataFrame, chosen: int | None) -> bytes | None:
     adapter = summary["adapter_mb"].fillna(0).tolist() if "adapter_mb" in summary else [0] * len(ranks)
     fig, ax = _axes("Memory: model weights (MB)", "MB", ranks)
     xs = list(range(len(ranks)))
-    ax.bar(xs, base, color=GREY, alpha=0.6, label="4-bit base model")
+    ax.bar(xs, base, color=GREY, alpha=0.6, label=f"{w.base_kind(quant)} base model")
     ax.bar(xs, adapter, bottom=base, color=GREEN, label="adapter")
     for x, b, a in zip(xs, base, adapter):
         if a > 0:

@@ -259,7 +259,8 @@ def build_report(view, run_config: dict | None = None, data_report: dict | None 
     doc.add("table", w.across_metrics_table(recs, metric))
 
     images = {"quality.png": charts.quality_chart(summary, rec, chosen)}
-    speed, memory = charts.speed_chart(summary, chosen), charts.memory_chart(summary, chosen)
+    quant = (((view.meta or {}).get("run_meta") or {}).get("model") or {}).get("quant")
+    speed, memory = charts.speed_chart(summary, chosen), charts.memory_chart(summary, chosen, quant)
     doc.add("h", 2, "Quality")
     doc.add("img", "quality.png", f"{spec.label} per rank")
     doc.add("table", T.summary_table(summary, rec, measured))
@@ -274,7 +275,7 @@ def build_report(view, run_config: dict | None = None, data_report: dict | None 
     if memory is not None:
         images["memory.png"] = memory
         doc.add("img", "memory.png", "Model weights per rank")
-        doc.add("p", w.memory_words(summary, chosen))
+        doc.add("p", w.memory_words(summary, chosen, quant))
     else:
         doc.add("p", "Memory was not recorded in this sweep.")
 

@@ -147,14 +147,20 @@ def rank_sentence(summary: pd.DataFrame | None, rec: Recommendation, rank: int |
     return join_words(parts) + "."
 
 
-def memory_words(summary: pd.DataFrame, rank: int | None) -> str:
-    """What the weights take: the 4-bit base, the adapter at `rank`, the merged copy."""
+def base_kind(quant: str | None) -> str:
+    """How the base model was held: "4-bit" (NF4) or "full-precision"."""
+    return "4-bit" if quant in (None, "nf4") else "full-precision"
+
+
+def memory_words(summary: pd.DataFrame, rank: int | None, quant: str | None = "nf4") -> str:
+    """What the weights take: the base (4-bit unless `quant` says otherwise), the adapter at
+    `rank`, the merged copy."""
     row = _row(summary, rank) if rank is not None else {}
     if not row:
         row = _row(summary, int(summary["rank"].max()))
     parts = []
     if not _missing(row.get("base_mb")):
-        parts.append(f"The 4-bit base model's weights take {mb(row['base_mb'])}")
+        parts.append(f"The {base_kind(quant)} base model's weights take {mb(row['base_mb'])}")
     if not _missing(row.get("adapter_mb")) and int(row["rank"]) > 0:
         parts.append(f"the rank-{int(row['rank'])} adapter adds {mb(row['adapter_mb'])}")
     text = join_words(parts) + "." if parts else ""
@@ -162,8 +168,10 @@ def memory_words(summary: pd.DataFrame, rank: int | None) -> str:
         text += (f" Merged into a full-precision copy (what you would serve without 4-bit kernels) the model takes "
                  f"{mb(row['merged_mb'])} at every rank.")
     if "peak_mem_mb" in summary and summary["peak_mem_mb"].notna().any():
+        timed = "merged_mb" in summary and summary["merged_mb"].notna().any()
+        loaded = [f"the {base_kind(quant)} model"] + (["the merged copy used for timing"] if timed else []) + ["the metric models"]
         text += (f" The sweep process peaked at {mb(summary['peak_mem_mb'].max())} (everything it had loaded: "
-                 "the 4-bit model, the merged copy used for timing, the metric models).")
+                 f"{join_words(loaded)}).")
     return text.strip()
 
 
