@@ -154,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep", required=True)
     r.add_argument("--metric", default="ref_nll", choices=["ref_nll", "rouge_l", "fact_recall", "similarity"])
     r.add_argument("--threshold", type=float, default=0.95)
+
+    rp = sub.add_parser("report", help="write a sweep's decision report (Markdown with charts, and one HTML file)")
+    rp.add_argument("--sweep", required=True, help="a finished sweep folder")
+    rp.add_argument("--out", required=True, help="folder to write (must be missing or empty)")
+    rp.add_argument("--metric", default=None, choices=["ref_nll", "rouge_l", "fact_recall", "similarity"],
+                    help="the deciding metric (default: the sweep's)")
+    rp.add_argument("--threshold", type=float, default=None, help="share of the best rank's score (default: the sweep's)")
+    rp.add_argument("--rank", type=int, default=None, help="the rank chosen, when not the recommended one")
+
+    pg = sub.add_parser("playground", help="answer questions at several ranks for the dashboard (loads the run once)")
+    pg.add_argument("--run", required=True, help="training run folder")
+    pg.add_argument("--dir", required=True, help="playground folder (request.json in, answers.json out)")
+    pg.add_argument("--idle-exit", type=float, default=900.0, help="exit after this many seconds without a question")
     return parser
 
 
@@ -266,8 +279,31 @@ def cmd_recommend(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from core import runstate
+    from core.errors import UserError
+    from core.evaluation.report import report_for_sweep, write_report
+
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if not runstate.folder_is_empty_or_missing(Path(args.out)):
+        raise UserError(f"output folder {args.out} already holds files; choose a new folder")
+    report = report_for_sweep(Path(args.sweep), args.metric, args.threshold, args.rank)
+    for path in write_report(report, Path(args.out)):
+        print(path)
+    print(f"decision report: {'rank ' + str(report.rank) if report.rank is not None else 'no rank'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_playground(args) -> int:
+    from core.playground_worker import run_playground
+
+    run_playground(Path(args.run), Path(args.dir), idle_exit_s=args.idle_exit, should_stop=CancelFlag().install())
+    return EXIT_OK
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "sweep": cmd_sweep,
-            "recommend": cmd_recommend, "refine": cmd_refine}
+            "recommend": cmd_recommend, "refine": cmd_refine, "report": cmd_report, "playground": cmd_playground}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from core.models import compute_dtype_for, dtype_from_name, pick_device
 from core.qdylora.config import QDyLoRAConfig, peft_scale_fields
 from core.qdylora.inject import ADAPTER_FILE
 from core.qdylora.truncation import inference_adapter_state, inference_config
+from core.rank_card import base_model_sources, load_snippet, rank_card_markdown
 from core.runs import check_rank, run_info
 from core.train import ADAPTER_DIR
 
@@ -77,39 +78,13 @@ def sweep_numbers(sweep_dir: str | Path | None, rank: int) -> dict | None:
         rows = {int(float(r["rank"])): r for r in csv.DictReader(fh)}
     if rank not in rows:
         raise UserError(f"sweep {sweep_dir} did not measure rank {rank} (it has {sorted(rows)})")
-    return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir)}
-
-
-def rank_card_markdown(card: dict) -> str:
-    lines = [
-        f"# Rank card: {card['run_id']} at rank {card['rank']}", "",
-        f"- Base model: {card['base_model']['name']} ({card['base_model']['path']})",
-        f"- Trained with quantization: {card['base_model']['quant']}, compute dtype {card['base_model']['compute_dtype']}",
-        f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale rule {card['scale_rule']}, "
-        f"scale at this rank {card['scale']:.4g}; method {card['method']}",
-        f"- Trainable parameters at this rank: {card['adapter_params']:,}",
-        "- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
-    ]
-    measured = card.get("measured")
-    if measured:
-        lines += ["", "## Measured on the evaluation prompts", "", "| metric | this rank | base model |", "|---|---|---|"]
-        base = measured.get("base") or {}
-        for key, value in measured["rank"].items():
-            if key == "rank" or value in ("", None):
-                continue
-            lines.append(f"| {key} | {value} | {base.get(key, '')} |")
-    lines += ["", "## Load it", "", "```python", card["snippet"], "```", ""]
-    return "\n".join(lines)
-
-
-def load_snippet(export_dir: Path, base_path: str) -> str:
-    return (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "from peft import PeftModel\n\n"
-        f"base = AutoModelForCausalLM.from_pretrained({base_path!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({base_path!r})\n"
-        f"model = PeftModel.from_pretrained(base, {str(export_dir)!r})"
-    )
+    try:
+        meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    rec = meta.get("recommendation") or {}
+    return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir), "recommendation": rec or None,
+            "sweep_meta": {"n_prompts": rec.get("n_prompts"), "model": (meta.get("run_meta") or {}).get("model")}}
 
 
 def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
@@ -157,7 +132,9 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
             "adapter_params": sum(cfg.rank * (adapter[f"{m}.lora_A"].shape[1] + adapter[f"{m}.lora_B"].shape[0]) for m in modules),
             "target_modules": leaf_names, "adapted_layers": len(modules), "merged": cfg.merge,
             "file_sizes": file_sizes, "measured": measured, "created_at": time.time(),
-            "snippet": load_snippet(out.resolve(), base_path),
+            "base_hub_id": base_model_sources(config["model"], config["train"].get("model"))[0],
+            "snippet": load_snippet(out.name, base_model_sources(config["model"], config["train"].get("model"))[0],
+                                    base_path, nf4=config["model"].get("quant") == "nf4"),
         }
         (tmp / "rank_card.json").write_text(json.dumps(card, indent=2, default=str))
         (tmp / "rank_card.md").write_text(rank_card_markdown(card))

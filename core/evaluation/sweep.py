@@ -33,8 +33,13 @@ SUMMARY_COLUMNS = [
     "fact_recall", "fact_recall_lo", "fact_recall_hi", "similarity", "similarity_lo", "similarity_hi",
     "ttft_ms", "ms_per_token", "tokens_per_s", "ttft_ms_merged", "ms_per_token_merged", "tokens_per_s_merged",
     "adapter_params", "adapter_mb", "base_mb", "peak_mem_mb", "eval_s",
+    # spread of the latency medians: fastest and slowest timed generation
+    "ttft_ms_lo", "ttft_ms_hi", "ms_per_token_lo", "ms_per_token_hi",
+    "ttft_ms_merged_lo", "ttft_ms_merged_hi", "ms_per_token_merged_lo", "ms_per_token_merged_hi",
+    "merged_mb", "latency_runs",
 ]
-PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity", "set"]
+PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall",
+                      "similarity", "must_include", "set"]
 BY_SET_FILE = "summary_by_set.csv"   # written when the prompts form several named sets
 RANKS_DIR = "ranks"
 log = logging.getLogger("rank_studio.sweep")
@@ -190,8 +195,10 @@ def _timed_generate(model, inputs, new_tokens: int, pad_token_id: int) -> TokenC
     return clock
 
 
-def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int) -> dict:
-    """Median time to first token and per later token at batch size 1, after a warm-up.
+def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int, suffix: str = "") -> dict:
+    """Median time to first token and per later token at batch size 1, after a warm-up,
+    with the fastest and slowest timed generation as `_lo` / `_hi` (keys get `suffix`,
+    e.g. "_merged", before those) and the number of timed generations.
 
     Times come from one generation each: TTFT is when the first new token exists
     (prefill + one step); the per-token time is the mean gap between later tokens.
@@ -209,8 +216,10 @@ def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repea
             ttfts.append((clock.times[0] - clock.start) * 1000)
             per_token.append((clock.times[-1] - clock.times[0]) * 1000 / (len(clock.times) - 1))
     ms_per_token = statistics.median(per_token)
-    return {"ttft_ms": statistics.median(ttfts), "ms_per_token": ms_per_token,
-            "tokens_per_s": 1000.0 / ms_per_token if ms_per_token > 0 else math.nan}
+    out = {"tokens_per_s" + suffix: 1000.0 / ms_per_token if ms_per_token > 0 else math.nan, "latency_runs": len(per_token)}
+    for name, times in (("ttft_ms", ttfts), ("ms_per_token", per_token)):
+        out.update({name + suffix: statistics.median(times), f"{name}{suffix}_lo": min(times), f"{name}{suffix}_hi": max(times)})
+    return out
 
 
 class MergedModel:
@@ -313,8 +322,9 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
     ranks = sorted(results)
     summary = [results[b]["summary"] for b in ranks]
+    per_prompt = [row for b in ranks for row in results[b]["rows"]]
     write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
-    write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, [row for b in ranks for row in results[b]["rows"]])
+    write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, per_prompt)
     by_set = summaries_by_set(results, cfg)
     if by_set:
         write_table(out / BY_SET_FILE, ["set", *SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("ttft_ms")]], by_set)
@@ -322,7 +332,8 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
     metric = cfg.recommend_metric if cfg.recommend_metric in cfg.metrics else cfg.metrics[0]
     if any(b > 0 for b in ranks):
         try:
-            recommendation = recommend_rank(summary, metric, cfg.threshold).to_dict()
+            recommendation = recommend_rank(per_prompt, metric, cfg.threshold, n_resamples=cfg.n_bootstrap,
+                                            seed=cfg.seed).to_dict()
             recommendation.pop("table", None)
         except ValueError as exc:
             notes = notes + [f"no recommendation: {exc}"]
@@ -334,19 +345,23 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
 
 def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
-    """Recommendation from a sweep's summary.csv with any metric and threshold, no re-run."""
+    """Recommendation from a sweep's per_prompt.csv with any metric and threshold, no re-run."""
     import pandas as pd
 
     from core.evaluation.recommend import recommend_rank
 
-    path = Path(sweep_dir) / "summary.csv"
+    path = Path(sweep_dir) / "per_prompt.csv"
     if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep folder with results (no summary.csv)")
-    summary = pd.read_csv(path)
-    if metric not in summary.columns or summary[metric].isna().all():
+        raise UserError(f"{sweep_dir} is not a sweep folder with results (no per_prompt.csv)")
+    per_prompt = pd.read_csv(path)
+    if metric not in per_prompt.columns or per_prompt[metric].isna().all():
         raise UserError(f"sweep {sweep_dir} did not measure {metric}")
+    saved = (json.loads((Path(sweep_dir) / "config.json").read_text()).get("config") or {}
+             if (Path(sweep_dir) / "config.json").is_file() else {})
     try:
-        return recommend_rank(summary, metric, threshold)
+        # the sweep's own resamples and seed, so the same question gets the sweep's answer
+        return recommend_rank(per_prompt, metric, threshold, n_resamples=int(saved.get("n_bootstrap") or 2000),
+                              seed=int(saved.get("seed") or 0))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -454,9 +469,9 @@ class Sweep:
                 return None
             merged = self._merged_model()
             merged.set_rank(rank)
-            lat = measure_latency(merged.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
-                                  cfg.latency_new_tokens, cfg.latency_repeats)
-            summary.update({f"{k}_merged": v for k, v in lat.items()})
+            summary.update(measure_latency(merged.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
+                                           cfg.latency_new_tokens, cfg.latency_repeats, suffix="_merged"))
+            summary["merged_mb"] = model_footprint_bytes(merged.model) / 2**20
             memory.sample()
         params = adapter_param_count(loaded.model, rank)
         summary.update(adapter_params=params, adapter_mb=params * 4 / 2**20, base_mb=self.base_mb,
@@ -473,7 +488,10 @@ class Sweep:
         from core.runs import generate
 
         loaded = self.loaded
-        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference, "set": it.set} for it in chunk]
+        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference,
+                 "must_include": json.dumps(list(it.must_include), ensure_ascii=False) if it.must_include else "",
+                 "set": it.set}
+                for it in chunk]
         if "ref_nll" in self.metrics:
             for row, (nll_sum, count) in zip(rows, measure_nll(loaded.model, loaded.tokenizer, chunk, self.cfg.batch_size)):
                 row["ref_nll"] = nll_sum / count if count else math.nan
