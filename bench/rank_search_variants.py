@@ -21,7 +21,8 @@ is tuned on its own; one lr for a one-run recipe: the lowest mean NLL over ranks
 chosen adapters on the FULL sets plus ROUGE-L of greedy answers, and computes paired 95 %
 intervals of every recipe's gap to the best dedicated run at each rank (same prompts resampled).
 
-    .venv/bin/python bench/rank_search_variants.py train --steps 40 [--workers 2] [--sides ...] [--lrs ...]
+    .venv/bin/python bench/rank_search_variants.py queue --steps 40 --sides ... --lrs ... [--ranks ...] [--front]
+    .venv/bin/python bench/rank_search_variants.py train --steps 40 [--workers 2]   # runs the queue
     .venv/bin/python bench/rank_search_variants.py final --steps 40
     .venv/bin/python bench/rank_search_variants.py status --steps 40
     (--quick: 2 steps, 4 prompts, one lr; writes rank_search_variants_quick.json)
@@ -87,22 +88,43 @@ def job_id(side: str, lr: float, rank: int | None = None) -> str:
     return f"{side}{'' if rank is None else f'-r{rank}'}-lr{lr:g}"
 
 
-def job_list(sides: list[str], lrs: list[float]) -> list[dict]:
-    """Training jobs in priority order: extreme ranks first, then the rest, recipes interleaved."""
+def job_list(sides: list[str], lrs: list[float], ranks: list[int] | None = None) -> list[dict]:
+    """Training jobs in priority order (lr outermost, in the order given); dedicated sides at `ranks`."""
     jobs = []
+    if "shipped" in sides and TODAY["lr"] not in lrs:
+        jobs.append({"id": job_id("shipped", TODAY["lr"]), "side": "shipped", "rank": None, "lr": TODAY["lr"]})
     for lr in lrs:
         for side in sides:
             if side in DEDICATED:
-                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (1, 16, 4)]
+                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)]
             elif side in RECIPES:
                 jobs.append({"id": job_id(side, lr), "side": side, "rank": None, "lr": lr})
-    for lr in lrs:
-        for side in sides:
-            if side in DEDICATED:
-                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (2, 8)]
-    if "shipped" in sides and TODAY["lr"] not in lrs:
-        jobs.insert(0, {"id": job_id("shipped", TODAY["lr"]), "side": "shipped", "rank": None, "lr": TODAY["lr"]})
     return jobs
+
+
+def queue_path(steps: int, quick: bool) -> Path:
+    return root(steps, quick) / "queue.json"
+
+
+def read_queue(steps: int, quick: bool) -> list[dict]:
+    path = queue_path(steps, quick)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def queue_phase(args) -> None:
+    """Add jobs to the queue the workers read before each job (--replace: start the queue afresh).
+    Re-planning while workers run is how the grid is steered: central lrs first, then edges where needed."""
+    path = queue_path(args.steps, args.quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    queue = [] if args.replace else read_queue(args.steps, args.quick)
+    known = {j["id"] for j in queue}
+    new = [j for j in job_list(args.sides, args.lrs, args.ranks) if j["id"] not in known]
+    queue = (new + queue) if args.front else (queue + new)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(queue, indent=1))
+    tmp.replace(path)
+    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
+    print(f"queue: {len(queue)} jobs ({len(new)} added), {len([j for j in queue if j['id'] not in done])} not done")
 
 
 def claim(folder: Path, job: dict) -> bool:
@@ -309,9 +331,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     folder = root(args.steps, args.quick) / "jobs"
     items = eval_items(args.quick, full=False)
-    jobs = job_list(args.sides, args.lrs)
     while True:
-        job = next((j for j in jobs if claim(folder, j)), None)
+        job = next((j for j in read_queue(args.steps, args.quick) if claim(folder, j)), None)
         if job is None:
             return
         common.log(f"[worker {os.getpid()}] {job['id']}: training {args.steps} steps")
@@ -326,9 +347,10 @@ def train_phase(args) -> None:
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    cmd = [sys.executable, __file__, "worker", "--steps", str(args.steps), "--threads", str(args.threads),
-           "--sides", ",".join(args.sides), "--lrs", ",".join(f"{x:g}" for x in args.lrs)] + (["--quick"] if args.quick else [])
-    common.log(f"{len(job_list(args.sides, args.lrs))} jobs, {args.workers} workers x {args.threads} thread(s)")
+    if not read_queue(args.steps, args.quick):
+        queue_phase(args)
+    cmd = [sys.executable, __file__, "worker", "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    common.log(f"{len(read_queue(args.steps, args.quick))} jobs queued, {args.workers} workers x {args.threads} thread(s)")
     procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -503,9 +525,10 @@ def final_phase(args) -> None:
 
 
 def status_phase(args) -> None:
-    jobs = job_list(args.sides, args.lrs)
+    jobs = read_queue(args.steps, args.quick)
     done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
-    print(f"{len(done & {j['id'] for j in jobs})} of {len(jobs)} jobs done")
+    print(f"{len(done & {j['id'] for j in jobs})} of {len(jobs)} queued jobs done; not done: "
+          + ", ".join(j["id"] for j in jobs if j["id"] not in done))
     table = search_table(load_jobs(args.steps, args.quick))
     for set_name, sides in table.items():
         print(f"\n== {set_name} (search subset NLL; rank columns {RANKS})")
@@ -517,12 +540,15 @@ def status_phase(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "worker", "final", "status"])
+    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--sides", default=",".join([*DEDICATED, *RECIPES]), help="dedicated sides (qlora, rslora) and recipe names")
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in LR_GRID))
+    p.add_argument("--ranks", default=None, help="ranks of the dedicated runs to queue (default: all)")
+    p.add_argument("--replace", action="store_true", help="queue: start a new queue instead of adding")
+    p.add_argument("--front", action="store_true", help="queue: put the new jobs first")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     args.sides = [s for s in args.sides.split(",") if s]
@@ -530,9 +556,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown sides {unknown}; known: {', '.join([*DEDICATED, *RECIPES])}")
     args.lrs = [float(x) for x in args.lrs.split(",") if x]
+    args.ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
     if args.quick:
         args.steps = min(args.steps, 2)
-    {"train": train_phase, "worker": worker, "final": final_phase, "status": status_phase}[args.phase](args)
+    {"train": train_phase, "worker": worker, "queue": queue_phase, "final": final_phase, "status": status_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
