@@ -660,6 +660,7 @@ class SweepView:
     per_prompt: pd.DataFrame | None
     meta: dict | None                # sweep.json
     sweep_dir: Path | None = None
+    by_set: pd.DataFrame | None = None  # summary_by_set.csv: quality per (named evaluation set, rank)
 
     @property
     def fraction(self) -> float:
@@ -692,6 +693,20 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         return None
 
 
+SWEEP_RESULT_FILES = ("summary.csv", "per_prompt.csv", "summary_by_set.csv", "sweep.json")
+
+
+def sweep_stamp(sweep_dir: Path) -> float:
+    """Changes whenever any of a sweep's result files changes (a cache key for pages)."""
+    stamps = []
+    for name in SWEEP_RESULT_FILES:
+        try:
+            stamps.append((Path(sweep_dir) / name).stat().st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return float(hash(tuple(stamps)))
+
+
 def read_sweep(sweep_dir: Path) -> SweepView:
     sweep_dir = Path(sweep_dir)
     events = runstate.read_events(sweep_dir)
@@ -720,7 +735,8 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     if summary is not None and not summary.empty:
         summary = summary.sort_values("rank").reset_index(drop=True)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir)
+                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir,
+                     _read_csv(sweep_dir / "summary_by_set.csv"))
 
 
 def eval_fact_count(info: DatasetInfo) -> int:

@@ -62,8 +62,7 @@ if not sweeps:
     st.page_link(ui.page_path("sweep"), label="Go to Sweep", icon=":material/tune:")
     st.stop()
 job = ui.pick_job("Sweep", sweeps, "sweep", "cmp-sweep")
-summary_file = job.out_dir / "summary.csv"
-stamp = summary_file.stat().st_mtime
+stamp = wd.sweep_stamp(job.out_dir)
 sweep_dir = str(job.out_dir)
 view = load(sweep_dir, stamp)
 summary, per_prompt = view.summary, view.per_prompt
@@ -123,6 +122,13 @@ with tab_q:
     st.caption("Dots are each rank's average over the prompts, bars its 95 % range. The shaded band holds the "
                "values within the tolerance of the best rank; the decision itself compares ranks prompt by prompt, "
                "which is sharper than comparing these bars.")
+    per_set = T.by_set_table(view.by_set, metric)
+    if per_set is not None:
+        st.markdown(f"**{METRICS[metric].label} on each part of the evaluation**")
+        st.dataframe(per_set, hide_index=True)
+        st.caption("The evaluation prompts come in named sets. On the sample data, *FAQ recall* asks for answers "
+                   "that were in the training data word for word, *new wordings* for the same facts in words never "
+                   "trained on: a rank that does well only on the first recites rather than knows.")
 
 with tab_s:
     fig = ui.speed_chart(summary, chosen)
@@ -266,7 +272,7 @@ with tab_play:
 with tab_all:
     st.dataframe(T.summary_table(summary, rec, metrics), hide_index=True)
     c = st.columns(2)
-    c[0].download_button("Download summary.csv (raw numbers)", summary_file.read_bytes(), "summary.csv", "text/csv",
+    c[0].download_button("Download summary.csv (raw numbers)", (job.out_dir / "summary.csv").read_bytes(), "summary.csv", "text/csv",
                          icon=":material/download:", on_click="ignore")
     c[1].download_button("Download per_prompt.csv (every answer)", (job.out_dir / "per_prompt.csv").read_bytes(),
                          "per_prompt.csv", "text/csv", icon=":material/download:", on_click="ignore")

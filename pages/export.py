@@ -51,7 +51,7 @@ def finished_export(job) -> None:
             key=f"zip-merged-{job.id}", on_click="ignore")
     sweep_dir = (card.get("measured") or {}).get("sweep")
     if sweep_dir and (Path(sweep_dir) / "summary.csv").is_file():
-        stamp = (Path(sweep_dir) / "summary.csv").stat().st_mtime
+        stamp = wd.sweep_stamp(sweep_dir)
         c = st.container(horizontal=True)
         c.download_button("Decision report (HTML)", lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[0],
                           f"{job.out_dir.name}-decision-report.html", "text/html",

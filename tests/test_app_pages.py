@@ -359,6 +359,23 @@ def test_compare_page_decides_in_plain_words(results):
     assert any(b.label == "Export rank 2 →" for b in at.button)
 
 
+def test_compare_page_reports_each_named_evaluation_set(results):
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    assert not [t for t in shown_tables(at) if list(t.columns)[:1] == ["Evaluation set"]]  # one unnamed set
+    rows = [{"set": name, "rank": b, "ref_nll": nll, "ref_nll_lo": nll - 0.1, "ref_nll_hi": nll + 0.1}
+            for name, shift in (("FAQ recall", 0.0), ("new wordings", 0.8)) for b, nll in ((0, 3.9 + shift), (2, 1.2 + shift))]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(sweep.out_dir / "summary_by_set.csv", index=False)
+    at = app("compare", sweep=sweep.id)
+    per_set = table(at, "Evaluation set")
+    assert per_set["Evaluation set"].tolist() == ["FAQ recall", "new wordings"]
+    assert list(per_set.columns) == ["Evaluation set", "Base model", "Rank 2"]
+    assert per_set["Rank 2"].tolist() == ["1.20 (1.10–1.30) nats/token", "2.00 (1.90–2.10) nats/token"]
+    assert "recites rather than knows" in texts(at)
+
+
 def test_compare_page_tolerance_and_metric_change_the_decision(results):
     store, run, sweep, export = results
     at = app("compare", sweep=sweep.id)

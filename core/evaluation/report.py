@@ -264,6 +264,11 @@ def build_report(view, run_config: dict | None = None, data_report: dict | None 
     doc.add("h", 2, "Quality")
     doc.add("img", "quality.png", f"{spec.label} per rank")
     doc.add("table", T.summary_table(summary, rec, measured))
+    per_set = T.by_set_table(getattr(view, "by_set", None), metric)
+    if per_set is not None:
+        doc.add("p", f"{spec.label} on each named part of the evaluation (a rank that does well on answers seen in "
+                     "training but not on new wordings of the same facts recites rather than knows):")
+        doc.add("table", per_set)
     doc.add("h", 2, "Speed")
     if speed is not None:
         images["speed.png"] = speed
