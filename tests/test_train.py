@@ -313,3 +313,11 @@ def test_refine_refuses_bad_requests_before_writing_anything(tiny_model_dir, sma
     with pytest.raises(UserError, match="has not finished"):
         train(refine_config(cut, 2, steps=2, out=tmp_path / "new"))
     assert not (tmp_path / "new").exists()
+
+
+def test_refine_reads_the_adapter_where_training_writes_it():
+    from core.qdylora.inject import ADAPTER_FILE
+    from core.refine import ADAPTER_PATH
+    from core.train import ADAPTER_DIR
+
+    assert ADAPTER_PATH == (ADAPTER_DIR, ADAPTER_FILE)
