@@ -85,6 +85,8 @@ def root(steps: int, quick: bool) -> Path:
 
 
 def job_id(side: str, lr: float, rank: int | None = None) -> str:
+    if side == "rslora" and rank == 1:
+        side = "qlora"   # alpha/sqrt(1) = alpha/1: at rank 1 the two dedicated sides are the same run
     return f"{side}{'' if rank is None else f'-r{rank}'}-lr{lr:g}"
 
 
@@ -96,7 +98,8 @@ def job_list(sides: list[str], lrs: list[float], ranks: list[int] | None = None)
     for lr in lrs:
         for side in sides:
             if side in DEDICATED:
-                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)]
+                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)
+                         if job_id(side, lr, r) == job_id(side, lr, r).replace("qlora", side)]
             elif side in RECIPES:
                 jobs.append({"id": job_id(side, lr), "side": side, "rank": None, "lr": lr})
     return jobs
@@ -383,6 +386,8 @@ def search_table(jobs: list[dict]) -> dict:
     for res in jobs:
         job = res["job"]
         derived = [(job["side"], res.get("evals"))]
+        if job["side"] == "qlora" and job["rank"] == 1:
+            derived.append(("rslora", res.get("evals")))     # the same run (see job_id)
         if "svd_evals" in res:
             derived.append((next(k for k, v in SVD_OF.items() if v == job["side"]), res["svd_evals"]))
         for side, evals in derived:
