@@ -7,6 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
+from core.qdylora.config import METHOD_SCALE
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -142,7 +143,8 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(
         "Scale at rank b", scales, index=scales.index(values["scale"]), key=field_key("scale"),
-        format_func=wd.SCALE_LABELS.get, help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
+        format_func=lambda rule: wd.SCALE_LABELS[rule] if rule else f"recommended for the method: {wd.SCALE_LABELS[METHOD_SCALE[method]]}",
+        help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
     ranks_per_step = keep("ranks_per_step", c[1].number_input(
         "Ranks per step", 1, 256, int(values["ranks_per_step"]), key=field_key("ranks_per_step"), step=1,
         help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
