@@ -48,8 +48,8 @@ import common  # noqa: E402
 RANKS = [1, 2, 4, 8, 16]
 LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 SETS = {"recall": common.SAMPLE / "eval.jsonl", "reworded": common.SAMPLE / "eval_reworded.jsonl"}
-SEARCH_PROMPTS = 24          # per set, for the lr search
-GEN_PROMPTS = 24             # per set, for ROUGE-L in the final evaluation
+SEARCH_PROMPTS = 24          # per set, for the lr search (the first ones of each file)
+GEN_PROMPTS = 16             # per set, for ROUGE-L in the final evaluation (from the held-out rest)
 MAX_NEW_TOKENS = 48
 TODAY = {"recipe": "shipped", "lr": 2e-4}  # the defaults before this benchmark (alpha/b, uniform, lr 2e-4)
 TARGET_GAP = 0.02
@@ -181,6 +181,14 @@ def eval_items(quick: bool, full: bool) -> dict:
 
     n = 4 if quick else (None if full else SEARCH_PROMPTS)
     return {name: load_eval_set(path).items[:n] for name, path in SETS.items()}
+
+
+def held_out_items(quick: bool) -> dict:
+    """The prompts the lr search never saw: final numbers free of the bias of picking the best lr on them."""
+    from core.data import load_eval_set
+
+    first = 4 if quick else SEARCH_PROMPTS
+    return {name: load_eval_set(path).items[first:] for name, path in SETS.items()}
 
 
 def nll_of(model, tokenizer, items) -> dict:
@@ -441,8 +449,8 @@ def final_phase(args) -> None:
     wanted = set(args.sides) | set(DEDICATED) | set(SVD_OF)   # dedicated peers and their SVD cuts always
     choice = {set_name: {side: c for side, c in sides.items() if side in wanted} for set_name, sides in best_lrs(table).items()}
     base = json.loads((root(args.steps, args.quick) / "base.json").read_text())
-    full = eval_items(args.quick, full=True)
-    cache_path = root(args.steps, args.quick) / "final_cache.json"
+    full = held_out_items(args.quick)
+    cache_path = root(args.steps, args.quick) / "final_cache_held_out.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     bench = AdapterBench(args.steps, args.quick)
     adapters = root(args.steps, args.quick) / "adapters"
@@ -451,6 +459,9 @@ def final_phase(args) -> None:
     for side, lr, r in needed:
         key = f"{side}|{lr:g}|{r}"
         if key in cache:
+            continue
+        if side == "rslora" and r == 1 and f"qlora|{lr:g}|1" in cache:
+            cache[key] = cache[f"qlora|{lr:g}|1"]   # alpha/sqrt(1) = alpha/1: the same run (see job_id)
             continue
         if side in DEDICATED:
             bench.load(load_file(str(adapters / f"{job_id(side, lr, r)}.safetensors")), DEDICATED[side])
@@ -504,8 +515,10 @@ def final_phase(args) -> None:
                 diff = [a - b for a, b in zip(ours["rouge"], theirs["rouge"])]
                 gaps[side][r] = {"peer": peers[r], "nll_gap": gap, "rouge_diff": vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0))}
         base_full = base["full"][set_name]["0"]
+        first = len(base_full["sums"]) - len(full[set_name])     # the held-out rest of the full set
         per_set[set_name] = {"rows": rows, "best_peer": peers, "gaps": gaps,
-                             "base_nll": base_full["nll"], "prompts": len(full[set_name])}
+                             "base_nll": sum(base_full["sums"][first:]) / sum(base_full["counts"][first:]),
+                             "prompts": len(full[set_name]), "prompts_in_lr_search": SEARCH_PROMPTS}
     cost = {side: {"median_step_s": common.med([j["median_step_s"] for j in jobs if j["job"]["side"] == side and j.get("median_step_s")]),
                    "train_s_median": common.med([j["train_s"] for j in jobs if j["job"]["side"] == side and not j.get("diverged")])}
             for side in sorted({j["job"]["side"] for j in jobs})}
@@ -513,6 +526,7 @@ def final_phase(args) -> None:
     common.write_result(name, {
         "config": {"steps": args.steps, "ranks": RANKS, "lr_grid": sorted({j["job"]["lr"] for j in jobs}),
                    "shared": shared_config(args.steps, args.quick), "recipes": RECIPES, "search_prompts_per_set": SEARCH_PROMPTS,
+                   "final_prompts": "the held-out rest of each set (not used to pick learning rates)",
                    "gen_prompts_per_set": GEN_PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "today": TODAY, "target_gap": TARGET_GAP},
         "search": {s: {side: {f"{lr:g}": v for lr, v in by_lr.items()} for side, by_lr in sides.items()} for s, sides in table.items()},
         "best_lr": choice, "base_search": {s: v["0"]["nll"] for s, v in base["search"].items()},
@@ -540,10 +554,15 @@ def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
     folder = root(steps, quick) / "parents" / job_id(side, lr)
     if (folder / "status.json").is_file():
         return folder
-    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **shared_config(steps, quick), **RECIPES[side])
+    if side in SVD_OF:   # the dedicated r_max run, read as the svd method reads it
+        src = SVD_OF[side]
+        recipe, adapter = {"method": "svd", "scale": DEDICATED[src]}, job_id(src, lr, max(RANKS))
+    else:
+        recipe, adapter = RECIPES[side], job_id(side, lr)
+    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **shared_config(steps, quick), **recipe)
     name, path = resolve_model_path(cfg.model)
     (folder / "adapter").mkdir(parents=True, exist_ok=True)
-    shutil.copy(root(steps, quick) / "adapters" / f"{job_id(side, lr)}.safetensors", folder / "adapter" / "adapter.safetensors")
+    shutil.copy(root(steps, quick) / "adapters" / f"{adapter}.safetensors", folder / "adapter" / "adapter.safetensors")
     runstate.write_json_atomic(folder / "config.json", {
         "train": cfg.to_dict(), "qdylora": cfg.qdylora_config().to_dict(), "adapted_modules": [],
         "model": {"name": name, "path": path, "quant": cfg.quant, "device": "cpu", "compute_dtype": "float32"}})
@@ -553,7 +572,7 @@ def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
 
 def refine_phase(args) -> None:
     """How many `qdylora refine` steps bring a recipe's rank b to a dedicated run's quality:
-    refine each rank from the recipe's run at its lr, measuring both full sets at the listed steps."""
+    refine each rank from the recipe's run at its lr, measuring both held-out sets at the listed steps."""
     import torch
 
     from core.qdylora import set_rank
@@ -563,7 +582,7 @@ def refine_phase(args) -> None:
     torch.set_num_threads(args.threads)
     side, parent_lr = args.refine_side, args.refine_parent_lr
     parent = parent_run_folder(side, parent_lr, args.steps, args.quick)
-    full = eval_items(args.quick, full=True)
+    full = held_out_items(args.quick)  # comparable with the final numbers
     checkpoints = sorted(int(x) for x in args.refine_steps.split(","))
     out_path = root(args.steps, args.quick) / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
