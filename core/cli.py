@@ -51,8 +51,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (which argument, what is wrong), exit code 2 like every input error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
+    parser = _Parser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a QDyLoRA adapter (one run serves ranks 1..r_max)")
@@ -118,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-repeats", type=int, default=3)
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--recommend-metric", default="ref_nll")
+    s.add_argument("--recommend-metric", default=None,
+                   help="metric the recommendation uses, one of --metrics (default: ref_nll when measured, else the first)")
     s.add_argument("--threshold", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
@@ -177,9 +185,11 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from core.runs import check_rank, generate_at_rank, load_run, run_info
+    from core.validation import check_generation
 
     info = run_info(Path(args.run))
     check_rank(args.rank, info["config"]["qdylora"]["r_max"])  # before the slow model load
+    check_generation(args.max_new_tokens, args.temperature, args.top_p)
     loaded = load_run(Path(args.run))
     text = generate_at_rank(loaded, [args.prompt], args.rank, max_new_tokens=args.max_new_tokens,
                             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)

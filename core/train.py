@@ -10,18 +10,21 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from core import runstate
-from core.errors import RunError, UserError
-from core.models import load_base_model, resolve_model_path
+from core.errors import RunError, TrainingDiverged, UserError
+from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
+from core.models import ResolvedModel, load_base_model, resolve_model
+from core.preflight import check_output_folder, check_target_modules, make_output_folder
 from core.prompting import EncodedExample, collate, encode_example
-from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
+from core.qdylora import QDyLoRAConfig, RankSampler, inject_qdylora, save_adapter, set_rank
 from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_parameters, load_adapter_state_dict, adapter_state_dict
 from core.train_config import TrainConfig
 
@@ -107,7 +110,9 @@ def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, sampler, step: 
     from safetensors.torch import save_file
 
     tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
-    tmp.mkdir(exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # half written by a save that was killed
+    tmp.mkdir()
     save_file(adapter_state_dict(model), str(tmp / "adapter.safetensors"))
     opt_state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -125,24 +130,60 @@ def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, sampler, step: 
         "torch_rng": torch.get_rng_state().tolist(),
     }
     (tmp / "state.json").write_text(json.dumps(meta))
+    fsync_tree(tmp)
+    _swap_in_checkpoint(run_dir, tmp)
+
+
+def _swap_in_checkpoint(run_dir: Path, tmp: Path) -> None:
+    """Make the finished folder `tmp` the checkpoint so that a kill at any moment leaves a
+    complete one. checkpoint/ only ever appears by renaming a finished folder, so when it
+    exists it is complete and a checkpoint.old/ beside it is a leftover of a killed swap;
+    without checkpoint/, checkpoint.old/ is the one to keep until the new one is in place."""
     final = run_dir / CHECKPOINT_DIR
     old = run_dir / (CHECKPOINT_DIR + ".old")
-    # Swap in two renames so a kill at any moment leaves one complete checkpoint.
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(run_dir)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old)
 
 
 def _find_checkpoint(run_dir: Path) -> Path | None:
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        folder = run_dir / name
+    """The newest complete checkpoint, also in the middle of a swap that a kill interrupted.
+
+    checkpoint.tmp/ counts only when checkpoint.old/ exists without checkpoint/: the swap
+    moves checkpoint/ aside only after the new folder is written and flushed."""
+    final, old, tmp = (run_dir / (CHECKPOINT_DIR + suffix) for suffix in ("", ".old", ".tmp"))
+    for folder in [final] + ([tmp] if old.exists() and not final.exists() else []) + [old]:
         if (folder / "state.json").is_file():
             return folder
     return None
+
+
+def _settle_checkpoints(run_dir: Path) -> Path | None:
+    """Finish a swap that a kill interrupted, so that only checkpoint/ is left; returns it."""
+    best = _find_checkpoint(run_dir)
+    if best is None:
+        return None
+    final = run_dir / CHECKPOINT_DIR
+    if best != final:
+        best.rename(final)
+    for leftover in (run_dir / (CHECKPOINT_DIR + ".old"), run_dir / (CHECKPOINT_DIR + ".tmp")):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    fsync_dir(run_dir)
+    return final
+
+
+def _checkpoint_step(folder: Path) -> int:
+    try:
+        step = read_json(folder / "state.json", "checkpoint state").get("step", 0)
+    except (OSError, DamagedFile, AttributeError):
+        return 0
+    return step if isinstance(step, int) else 0
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, sampler) -> dict:
@@ -166,15 +207,26 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, sampler) -> dict
 
 
 def load_run_config(run_dir: Path) -> dict:
+    """The run's config.json, checked through: RunError unless every part that using or
+    resuming the run reads (train, qdylora, model) is there with the right types."""
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is not valid JSON: {exc}") from exc
-    if "train" not in data or "qdylora" not in data:
-        raise RunError(f"{path} is not a training run config")
+        data = read_json(path, "run config")
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})") from None
+    except DamagedFile as exc:
+        raise RunError(f"{exc}; the run cannot be used") from None
+    if not isinstance(data, dict) or "train" not in data or "qdylora" not in data:
+        hint = " (it belongs to a sweep)" if isinstance(data, dict) and "config" in data else ""
+        raise RunError(f"{path} is not a training run config{hint}")
+    try:
+        TrainConfig.from_dict(data["train"])
+        QDyLoRAConfig.from_dict(data["qdylora"])
+        model = data.get("model")
+        if not isinstance(model, dict) or any(not isinstance(model.get(f.name), str) for f in fields(ResolvedModel)):
+            raise ValueError(f"'model' must name {', '.join(f.name for f in fields(ResolvedModel))} as texts")
+    except (UserError, ValueError) as exc:
+        raise RunError(f"{path} is damaged: {str(exc).removeprefix('invalid training config: ')}") from None
     return data
 
 
@@ -191,17 +243,24 @@ class Trainer:
         self.step = 0
         self.histogram: dict[str, int] = {}
         self.losses: list[float] = []
+        self.checkpoint_step: int | None = None
         self._log_handler: logging.Handler | None = None
+        # Set once every check passed and the run folder is this run's to write; before
+        # that a failure must leave the folder (maybe another run's) untouched.
+        self._owns_folder = False
 
     # --- setup ---
     def _check_out_dir(self) -> None:
+        check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
         if self.resume:
             load_run_config(self.run_dir)
             status = runstate.read_status(self.run_dir)
-            if status and status["status"] == "running":
+            if status and status.get("status") == "running":
                 raise RunError(f"{self.run_dir} is still running (pid {status.get('pid')}); cancel it before resuming")
-            if _find_checkpoint(self.run_dir) is None:
-                raise RunError(f"{self.run_dir} has no checkpoint to resume from; start a new run instead")
+            checkpoint = _find_checkpoint(self.run_dir)
+            step = _checkpoint_step(checkpoint) if checkpoint else 0
+            if status and status.get("status") == "completed" and step >= self.cfg.steps:
+                raise RunError(f"{self.run_dir} is already completed ({step} of {self.cfg.steps} steps); nothing to resume")
         elif not runstate.folder_is_empty_or_missing(self.run_dir):
             raise UserError(f"output folder {self.run_dir} already holds files; choose a new folder or use --resume")
 
@@ -211,8 +270,13 @@ class Trainer:
         self._check_out_dir()
         # Read and validate the data before creating anything, so bad data leaves no run folder.
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
-        resolve_model_path(self.cfg.model)  # an unknown model must fail before a run folder exists
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        planned = resolve_model(self.cfg.model_spec())  # an unknown model must fail before a run folder exists
+        check_target_modules(planned.path, self.cfg.target_modules)
+        make_output_folder(self.run_dir)
+        self._owns_folder = True
+        if not self.resume:
+            # The config comes first, so a run killed at any later moment can be resumed.
+            self._write_config(planned)
         self._log_handler = runstate.attach_log(self.run_dir, "train.log")
         runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
         torch.manual_seed(self.cfg.seed)
@@ -233,16 +297,23 @@ class Trainer:
         warmup = int(round(self.cfg.warmup_ratio * self.cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.lr_schedule, self.cfg.steps, warmup))
         self.sampler = RankSampler(self.qcfg, self.cfg.seed)
-        if self.resume:
-            meta = _load_checkpoint(_find_checkpoint(self.run_dir), self.model, self.optimizer, self.scheduler, self.sampler)
+        checkpoint = _settle_checkpoints(self.run_dir) if self.resume else None
+        if checkpoint is not None:
+            meta = _load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
             self.step, self.histogram, self.losses = meta["step"], meta["histogram"], meta["recent_losses"]
+            self.checkpoint_step = self.step
             log.info("resumed at step %d of %d", self.step, self.cfg.steps)
         else:
-            runstate.write_json_atomic(self.run_dir / CONFIG_FILE, {
-                "train": self.cfg.to_dict(), "qdylora": self.qcfg.to_dict(), "model": self.resolved.to_dict(),
-                "adapted_modules": self.adapted, "versions": _versions(), "created_at": time.time(),
-            })
+            if self.resume:
+                log.info("no checkpoint was saved before the run stopped: starting again from step 0")
+            self._write_config(self.resolved, adapted_modules=self.adapted)
         self.data_report = report
+
+    def _write_config(self, resolved: ResolvedModel, **extra) -> None:
+        runstate.write_json_atomic(self.run_dir / CONFIG_FILE, {
+            "train": self.cfg.to_dict(), "qdylora": self.cfg.qdylora_config().to_dict(), "model": resolved.to_dict(),
+            **extra, "versions": _versions(), "created_at": time.time(),
+        })
 
     def _emit(self, event: dict) -> None:
         event.setdefault("time", time.time())
@@ -293,6 +364,8 @@ class Trainer:
             t0 = time.time()
             rank = self.sampler.sample()
             loss, tokens = self.train_step(rank)
+            if not math.isfinite(loss):
+                self._diverged(f"the loss became {loss} at step {self.step + 1}")
             self.step += 1
             self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
             self.losses.append(loss)
@@ -313,9 +386,19 @@ class Trainer:
             self.save_checkpoint()
         return self.finish(status)
 
+    def _diverged(self, what: str) -> None:
+        kept = (f"its last good checkpoint (step {self.checkpoint_step}) is kept"
+                if self.checkpoint_step is not None else "no checkpoint had been saved")
+        raise TrainingDiverged(f"training diverged: {what}; the run stopped and {kept}. "
+                               "Lower the learning rate or alpha and start a new run")
+
     def save_checkpoint(self) -> None:
+        # Never overwrite the last good checkpoint with weights that are no numbers any more.
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            self._diverged(f"the adapter weights stopped being finite numbers at step {self.step}")
         _save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.sampler, self.step, self.histogram, self.losses)
         runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
+        self.checkpoint_step = self.step
 
     def finish(self, status: str) -> TrainResult:
         set_rank(self.model, self.cfg.r_max)
@@ -328,7 +411,8 @@ class Trainer:
         return TrainResult(self.run_dir, status, self.step, self.cfg.steps, final_loss)
 
     def fail(self, exc: BaseException) -> None:
-        runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
+        if self._owns_folder:
+            runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
 
     def cleanup(self) -> None:
         runstate.detach_log(self._log_handler)
@@ -337,6 +421,7 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False, on_event=None, should_stop=None) -> TrainResult:
     """Run (or resume) a training run; the run folder records the outcome either way."""
     if resume:
+        check_output_folder(cfg.out)
         saved = load_run_config(Path(cfg.out))["train"]
         cfg = TrainConfig.from_dict(saved | {"out": cfg.out})
     trainer = Trainer(cfg, resume=resume, on_event=on_event, should_stop=should_stop)

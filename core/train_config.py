@@ -10,6 +10,7 @@ from core.config_io import ConfigDict
 from core.errors import UserError
 from core.model_spec import ModelSpec
 from core.qdylora.config import QDyLoRAConfig
+from core.validation import number_problem
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -57,8 +58,8 @@ class TrainConfig(ConfigDict):
             problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            problems.append("max_grad_norm and weight_decay must be >= 0")
+        problems += filter(None, (number_problem("max_grad_norm", self.max_grad_norm, lo=0, note="0 disables clipping"),
+                                  number_problem("weight_decay", self.weight_decay, lo=0)))
         if isinstance(self.max_length, int) and self.max_length < 8:
             problems.append(f"max_length must be at least 8, got {self.max_length}")
         try:

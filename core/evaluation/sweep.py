@@ -7,7 +7,6 @@ measured and `--resume` continues with the ranks that are missing.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import statistics
@@ -22,6 +21,8 @@ import torch
 from core import runstate
 from core.config_io import ConfigDict
 from core.errors import UserError
+from core.fileio import DamagedFile, read_json, read_json_object
+from core.preflight import check_output_folder, make_output_folder
 from core.models import model_footprint_bytes
 from core.prompting import collate, encode_example, token_nll
 from core.qdylora import qdylora_layers, set_rank
@@ -87,7 +88,7 @@ class SweepConfig(ConfigDict):
     latency_repeats: int = field(default=3, metadata={"help": "Timed repeats per latency prompt (median taken after one warm-up)."})
     latency_prompts: int = field(default=2, metadata={"help": "How many prompts latency is measured on (batch size 1)."})
     latency_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per latency measurement."})
-    recommend_metric: str = field(default="ref_nll", metadata={"help": "Metric the recommendation uses (changeable later without re-running)."})
+    recommend_metric: str | None = field(default=None, metadata={"help": "Metric the recommendation uses, one of `metrics` (changeable later without re-running); None = ref_nll when measured, else the first of `metrics`."})
     threshold: float = field(default=0.95, metadata={"help": "Share of the best rank's score a rank must reach."})
     n_bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
     seed: int = field(default=0, metadata={"help": "Seed for the bootstrap."})
@@ -105,8 +106,14 @@ class SweepConfig(ConfigDict):
             problems.append("latency_new_tokens must be at least 2")
         if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
             problems.append(f"max_prompts must be a positive integer, got {self.max_prompts!r}")
+        if self.recommend_metric is None:
+            self.recommend_metric = "ref_nll" if "ref_nll" in self.metrics or unknown or not self.metrics else self.metrics[0]
         if self.recommend_metric not in QUALITY_METRICS:
             problems.append(f"recommend metric must be one of {', '.join(QUALITY_METRICS)}")
+        elif self.recommend_metric not in self.metrics and self.metrics and not unknown:
+            # Recommending by a metric that is not measured would silently use another one.
+            problems.append(f"the recommend metric {self.recommend_metric} is not among the metrics measured "
+                            f"({', '.join(self.metrics)}); add it to the metrics or recommend by one of them")
         if not 0 < self.threshold <= 1:
             problems.append(f"threshold must be in (0, 1], got {self.threshold!r}")
         if problems:
@@ -285,11 +292,11 @@ def read_rank_results(out: Path) -> dict[int, dict]:
     folder = out / RANKS_DIR
     if folder.is_dir():
         for path in folder.glob("rank_*.json"):
+            data = read_json_object(path)
             try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue  # a half-written file: that rank is measured again
-            results[int(data["summary"]["rank"])] = data
+                results[int(data["summary"]["rank"])] = data
+            except (TypeError, KeyError, ValueError):
+                continue  # a damaged file: that rank is measured again
     return results
 
 
@@ -317,20 +324,36 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
 def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
     """Recommendation from a sweep's summary.csv with any metric and threshold, no re-run."""
-    import pandas as pd
-
     from core.evaluation.recommend import recommend_rank
+    from core.evaluation.summary import read_summary
 
-    path = Path(sweep_dir) / "summary.csv"
-    if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep folder with results (no summary.csv)")
-    summary = pd.read_csv(path)
+    summary = read_summary(sweep_dir)
     if metric not in summary.columns or summary[metric].isna().all():
         raise UserError(f"sweep {sweep_dir} did not measure {metric}")
     try:
         return recommend_rank(summary, metric, threshold)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def load_sweep_config(out: Path) -> SweepConfig:
+    """The config a sweep folder was started with (for --resume), checked through."""
+    saved = Path(out) / "config.json"
+    try:
+        data = read_json(saved, "sweep config")
+    except FileNotFoundError:
+        raise UserError(f"{out} is not a sweep folder to resume (no config.json)") from None
+    except DamagedFile as exc:
+        raise UserError(f"{exc}; the sweep cannot be resumed, start a new one") from None
+    if isinstance(data, dict) and "train" in data:
+        raise UserError(f"{out} is a training run folder, not a sweep; continue a run with "
+                        f"`qdylora train --resume --out {out}`")
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise UserError(f"{saved} is not a sweep config")
+    try:
+        return SweepConfig.from_dict(data["config"] | {"out": str(out)})
+    except UserError as exc:
+        raise UserError(f"{saved} is damaged: {str(exc).removeprefix('invalid sweep config: ')}") from None
 
 
 # ------------------------------------------------------------------ the sweep
@@ -354,14 +377,12 @@ class Sweep:
         from core.data import load_eval_set
         from core.runs import run_info
 
+        check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
         if self.resume:
-            saved = self.out / "config.json"
-            if not saved.is_file():
-                raise UserError(f"{self.out} is not a sweep folder to resume (no config.json)")
+            self.cfg = load_sweep_config(self.out)
             status = runstate.read_status(self.out)
-            if status and status["status"] == "running":
+            if status and status.get("status") == "running":
                 raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
-            self.cfg = SweepConfig.from_dict(json.loads(saved.read_text())["config"] | {"out": str(self.out)})
         elif not runstate.folder_is_empty_or_missing(self.out):
             raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
         info = run_info(Path(self.cfg.run))
@@ -382,9 +403,10 @@ class Sweep:
         from core.evaluation.metrics import SemanticSimilarity
         from core.runs import load_run
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._log_handler = runstate.attach_log(self.out, "sweep.log")
+        make_output_folder(self.out)
+        # The config comes first, so a sweep killed at any later moment can be resumed.
         runstate.write_json_atomic(self.out / "config.json", {"config": self.cfg.to_dict(), "created_at": time.time()})
+        self._log_handler = runstate.attach_log(self.out, "sweep.log")
         runstate.write_status(self.out, "running", phase="loading model", ranks=self.ranks)
         self.notes: list[str] = []
         if self.run_status and self.run_status.get("status") != "completed":

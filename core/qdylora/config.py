@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.config_io import ConfigDict
+from core.validation import number_problem
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
@@ -32,8 +33,7 @@ class QDyLoRAConfig(ConfigDict):
         problems = []
         if not isinstance(self.r_max, int) or self.r_max < 1:
             problems.append(f"r_max must be a positive integer, got {self.r_max!r}")
-        if not self.alpha > 0:
-            problems.append(f"alpha must be > 0, got {self.alpha!r}")
+        problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True)])
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.rank_sampling not in RANK_SAMPLING_CHOICES:
