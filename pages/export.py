@@ -76,7 +76,8 @@ if sweeps:
 rec = wd.read_sweep(sweep.out_dir).recommendation if sweep else None
 wanted = ui.selected_id("rank")
 default = wanted if wanted and 1 <= wanted <= r_max else (rec or {}).get("rank") or r_max
-rank = st.number_input("Rank to export", 1, r_max, value=int(default), key=f"ex-rank-{run.id}-{default}")
+rank = ui.number_field(st, "Rank to export", int(default), (1, r_max), key=f"ex-rank-{run.id}-{default}", step=1)
+problems = wd.export_problems(rank, r_max)
 if rec and rec.get("rank"):
     st.caption(f"Recommended by the sweep: rank **{rec['rank']}** ({rec.get('metric')}, threshold "
                f"{rec.get('threshold')}).")
@@ -85,7 +86,9 @@ merge = st.checkbox("Also write a merged model (the adapter folded into a full-p
 name = st.text_input("Export name", value=f"{run.name}-rank{int(rank)}", max_chars=60, key=f"ex-name-{int(rank)}")
 if sweep is not None and int(rank) not in wd.read_sweep(sweep.out_dir).ranks_done:
     st.caption(f"The sweep did not measure rank {int(rank)}: the rank card will have no measured numbers.")
-if st.button("Export", type="primary", icon=":material/ios_share:"):
+for p in problems:
+    st.error(p, icon=":material/block:")
+if st.button("Export", type="primary", icon=":material/ios_share:", disabled=bool(problems)):
     try:
         measured = sweep is not None and int(rank) in wd.read_sweep(sweep.out_dir).ranks_done
         args = wd.export_args(run.out_dir, int(rank), merge=merge, sweep_dir=sweep.out_dir if measured else None,

@@ -28,6 +28,8 @@ def monitor(job_id: int) -> bool:
         st.progress(view.fraction, text=f"{rank}{view.done_units} of {view.total_units} answers{eta}")
     if view.ranks_done:
         st.markdown("Ranks measured: " + ", ".join(f"**{r}**" for r in view.ranks_done))
+    if view.summary_problem:
+        st.warning(view.summary_problem, icon=":material/warning:")
     ui.failure_box(job)
     if view.summary is not None and not job.active:
         if job.status == "completed":
@@ -74,19 +76,14 @@ metrics = st.multiselect("Quality metrics", list(METRICS), default=list(METRICS)
                          format_func=lambda m: METRICS[m].label,
                          help="; ".join(f"{s.label}: {s.description}" for s in METRICS.values()))
 c = st.columns(3, vertical_alignment="bottom")
-max_prompts = c[0].number_input("Prompts to use", 1, max(1, dataset.n_eval), value=min(20, dataset.n_eval),
-                                key="sw-maxp", help="The first N evaluation prompts; fewer is faster.")
-new_tokens = c[1].number_input("Answer length (tokens)", 1, 1024, value=64, key="sw-tokens")
+max_prompts = ui.number_field(c[0], "Prompts to use", min(20, dataset.n_eval), (1, max(1, dataset.n_eval)),
+                              key="sw-maxp", help="The first N evaluation prompts; fewer is faster.", step=1)
+new_tokens = ui.number_field(c[1], "Answer length (tokens)", 64, wd.SWEEP_LIMITS["max_new_tokens"], key="sw-tokens",
+                             step=1)
 latency = c[2].checkbox("Measure speed", value=True, key="sw-latency",
                         help="Time to first token and ms per token, with the adapter and merged.")
 name = st.text_input("Sweep name", value=f"{run.name}-sweep", max_chars=60, key="sw-name")
-problems = []
-if not ranks:
-    problems.append("Choose at least one rank.")
-elif not any(r > 0 for r in ranks):
-    problems.append("Choose at least one rank above 0 (0 is only the base model).")
-if not metrics:
-    problems.append("Choose at least one quality metric.")
+problems = wd.sweep_problems(ranks, metrics, max_prompts, new_tokens, n_eval=dataset.n_eval)
 for p in problems:
     st.error(p, icon=":material/block:")
 units = len(ranks) * int(max_prompts)
