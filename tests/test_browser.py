@@ -223,6 +223,25 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     idle()
     expect(page.get_by_label("α (alpha)", exact=True)).to_have_value("16.00")
     expect(page.get_by_label("Learning rate", exact=True)).to_have_value("0.00030")
+
+    def typed(label: str, text: str, shown: str) -> None:
+        field = page.get_by_label(label, exact=True)
+        field.fill(text)
+        field.press("Enter")
+        idle()
+        expect(field).to_have_value(shown)
+
+    # Out-of-range entries reach the page, which blocks the launch and says why (the browser
+    # used to keep them to itself, red, while the job started with the old values).
+    number("r_max (largest rank)", 999)
+    number("Steps", 0)
+    typed("Learning rate", "5", "5.00000")
+    for reason in ("r max must be between 1 and 256 (got 999)", "steps must be between 1 and 100000 (got 0)",
+                   "lr must be between"):
+        expect(page.get_by_text(reason).first).to_be_visible()
+    expect(page.get_by_role("button", name="Start training").first).to_be_disabled()
+    shot("04a-train-form-refused")
+    typed("Learning rate", "0.0003", "0.00030")
     number("r_max (largest rank)", 4)
     number("Steps", 4)
     number("Batch size", 2)
