@@ -264,7 +264,11 @@ def live(active: bool, body: Callable[[], None]) -> None:
 
     @st.fragment(run_every=POLL)
     def _poll():
-        still = body()
+        try:
+            still = body()
+        except UserError as exc:        # e.g. the job store stayed locked: say so, poll again
+            st.error(str(exc), icon=":material/error:")
+            return
         if still is False:
             st.rerun()
     _poll()

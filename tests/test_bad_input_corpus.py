@@ -386,6 +386,10 @@ def test_bad_training_file_on_the_data_page(case_id, name, raw, words, world):
     from core import workspace_data as wd
 
     before = snapshot(world["ws"])
+    try:                                # the first look (columns, preview) may already refuse it
+        wd.inspect_upload(raw, name)
+    except UserError as exc:
+        assert_page_refusal(exc, [name])
     with pytest.raises(UserError) as info:
         wd.create_dataset(world["ws"], "corpus", raw, name)
     assert_page_refusal(info.value, words + [name])
