@@ -39,6 +39,7 @@ from pathlib import Path
 
 from core import proc
 from core.errors import UserError
+from core.fileio import read_json_object
 
 KINDS = ("train", "sweep", "export")
 KIND_DIRS = {"train": "runs", "sweep": "sweeps", "export": "exports"}
@@ -243,10 +244,9 @@ def _read_status(out_dir: Path, since: float | None) -> dict | None:
     try:
         if since is not None and p.stat().st_mtime < since - 1.0:
             return None                         # left over from an earlier attempt
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(p)
 
 
 # ---------------------------------------------------------------- store

@@ -165,6 +165,9 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     """The steps of the dashboard, as a user takes them; screenshots after each."""
     from playwright.sync_api import expect
 
+    # Playwright's 5 s default is too short for a first page run on a 2-core machine busy
+    # with other work (the job store and the sample dataset are set up then).
+    expect.set_options(timeout=30_000)
     def idle() -> None:
         """Wait until the script run that the last action started has finished."""
         page.wait_for_timeout(400)
