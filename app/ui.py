@@ -16,6 +16,7 @@ import streamlit as st
 
 from core import workspace_data as wd
 from core.errors import UserError
+from core.evaluation import wording as w
 from core.evaluation.recommend import METRICS
 from core.jobs import Job, JobStore, default_workspace
 
@@ -255,14 +256,14 @@ def number_field(where, label: str, value, limits: tuple, key: str, help: str | 
     return where.number_input(label, value=value, key=key, help=f"{help} {hint}" if help else hint, **kwargs)
 
 
-def live(active: bool, body: Callable[[], None]) -> None:
-    """Run `body`; while `active`, re-run it every 2 s (a fragment) until nothing is
+def live(active: bool, body: Callable[[], None], every: str = POLL) -> None:
+    """Run `body`; while `active`, re-run it every `every` (a fragment) until nothing is
     active any more, then rerun the whole page once so polling stops."""
     if not active:
         body()
         return
 
-    @st.fragment(run_every=POLL)
+    @st.fragment(run_every=every)
     def _poll():
         try:
             still = body()
@@ -301,8 +302,58 @@ def histogram_chart(hist: dict[int, int], r_max: int | None) -> go.Figure:
     return _layout(fig, "Sampled ranks", "rank", "optimizer steps")
 
 
-def _x_ranks(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["rank"] > 0]
+GREEN, GREY, BLUE, ORANGE = "#2e7d32", "#9e9e9e", "#1565c0", "#ef6c00"
+
+
+def _rank_positions(fig: go.Figure, ranks: list[int], chosen: int | None) -> None:
+    """Ranks at evenly spaced positions (base model first), so that points and bars line
+    up whatever the ranks are; the chosen rank shaded and named on the axis."""
+    labels = ["base" if r == 0 else str(r) for r in ranks]
+    if chosen in ranks:
+        i = ranks.index(chosen)
+        labels[i] = f"<b>{labels[i]} (chosen)</b>"
+        fig.add_vrect(x0=i - 0.4, x1=i + 0.4, fillcolor=GREEN, opacity=0.12, line_width=0)
+    fig.update_xaxes(tickvals=list(range(len(ranks))), ticktext=labels, range=[-0.6, len(ranks) - 0.4])
+
+
+def _spread(df: pd.DataFrame, col: str) -> dict | None:
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if lo not in df or hi not in df or not df[lo].notna().any():
+        return None
+    return dict(type="data", symmetric=False, array=(df[hi] - df[col]).clip(lower=0).fillna(0),
+                arrayminus=(df[col] - df[lo]).clip(lower=0).fillna(0), thickness=1.5)
+
+
+def quality_chart(summary: pd.DataFrame, metric: str, chosen: int | None, best: float | None = None,
+                  tolerance: float | None = None) -> go.Figure:
+    """The metric per rank with its 95 % range; the base model grey and dashed across; the
+    band of values within the tolerance of the best rank shaded."""
+    spec = METRICS[metric]
+    df = summary[summary[metric].notna()].reset_index(drop=True) if metric in summary else summary.iloc[:0]
+    ranks = [int(r) for r in df["rank"]]
+    scale = 100 if spec.percent else 1
+    unit = "%" if spec.percent else spec.unit
+    fig = go.Figure()
+    colors = [GREY if r == 0 else (GREEN if r == chosen else BLUE) for r in ranks]
+    err = _spread(df, metric)
+    if err is not None:
+        err.update(array=err["array"] * scale, arrayminus=err["arrayminus"] * scale)
+    fig.add_scatter(x=list(range(len(ranks))), y=df[metric] * scale, error_y=err, mode="markers",
+                    marker=dict(size=11, color=colors), name=spec.label, showlegend=False,
+                    customdata=[w.rank_label(r) for r in ranks],
+                    hovertemplate="%{customdata}<br>" + spec.label + " %{y:.2f} " + unit + "<extra></extra>")
+    base = _base(summary, metric)
+    if base is not None:
+        fig.add_hline(y=base * scale, line_dash="dash", line_color=GREY, annotation_text="base model",
+                      annotation_position="bottom right")
+    if best is not None and tolerance:
+        lo, hi = (best - tolerance, best) if spec.higher_is_better else (best, best + tolerance)
+        fig.add_hrect(y0=lo * scale, y1=hi * scale, fillcolor=GREEN, opacity=0.08, line_width=0,
+                      annotation_text="as good as the best", annotation_position="top left")
+    _rank_positions(fig, ranks, chosen)
+    direction = "higher is better" if spec.higher_is_better else "lower is better"
+    return _layout(fig, f"{spec.label} per rank ({direction}; bars: 95 % range)", "rank",
+                   spec.label + (f" ({unit})" if unit else ""))
 
 
 def _base(df: pd.DataFrame, col: str) -> float | None:
@@ -312,81 +363,43 @@ def _base(df: pd.DataFrame, col: str) -> float | None:
     return float(row[col].iloc[0])
 
 
-def _rank_axis(fig: go.Figure, ranks) -> None:
-    ranks = sorted(int(r) for r in ranks)
-    if ranks and max(ranks) / max(1, min(ranks)) >= 8:
-        fig.update_xaxes(type="log", tickvals=ranks, ticktext=[str(r) for r in ranks])
-    else:
-        fig.update_xaxes(tickvals=ranks)
+SPEED_SERIES = {"ms_per_token": ("with the adapter (4-bit base, unmerged)", ORANGE),
+                "ms_per_token_merged": ("merged (what you would serve)", BLUE)}
 
 
-def _mark_rank(fig: go.Figure, rank: int | None) -> None:
-    if rank:
-        fig.add_vline(x=rank, line_dash="dot", line_color="green",
-                      annotation_text=f"recommended: {rank}", annotation_position="top left")
-
-
-def quality_chart(summary: pd.DataFrame, metric: str, rec_rank: int | None, bar: float | None) -> go.Figure:
-    spec = METRICS[metric]
-    df = _x_ranks(summary)
-    fig = go.Figure()
-    lo, hi = f"{metric}_lo", f"{metric}_hi"
-    err = None
-    if lo in df and hi in df and df[lo].notna().any():
-        err = dict(type="data", symmetric=False, array=(df[hi] - df[metric]).clip(lower=0),
-                   arrayminus=(df[metric] - df[lo]).clip(lower=0), thickness=1.5)
-    fig.add_scatter(x=df["rank"], y=df[metric], error_y=err, mode="lines+markers", name=spec.label,
-                    hovertemplate="rank %{x}<br>" + spec.label + " %{y:.4g}<extra></extra>")
-    base = _base(summary, metric)
-    if base is not None:
-        fig.add_hline(y=base, line_dash="dash", line_color="gray",
-                      annotation_text="base model (rank 0)", annotation_position="bottom right")
-    if bar is not None:
-        fig.add_hline(y=bar, line_dash="dot", line_color="orange", annotation_text="acceptable",
-                      annotation_position="top right")
-    _mark_rank(fig, rec_rank)
-    _rank_axis(fig, df["rank"])
-    direction = "higher is better" if spec.higher_is_better else "lower is better"
-    return _layout(fig, f"Quality: {spec.label} ({direction}; 95% intervals)", "rank", spec.label)
-
-
-LATENCY = {"ms_per_token": "ms per token (adapter)", "ms_per_token_merged": "ms per token (merged)",
-           "ttft_ms": "time to first token (ms)"}
-MEMORY = {"peak_mem_mb": "peak memory while answering (MB)"}
-ADAPTER_SIZE = {"adapter_mb": "adapter size (MB, right axis)"}
-
-
-def lines_chart(summary: pd.DataFrame, columns: dict[str, str], title: str, y: str, rec_rank: int | None,
-                right: dict[str, str] | None = None, right_title: str = "", from_zero: bool = False) -> go.Figure | None:
-    """Lines per rank for `columns` (left axis) and `right` (right axis); the base model
-    (rank 0) row, when measured, is drawn as a dashed line for the first left column."""
-    df = _x_ranks(summary)
-    present = {c: label for c, label in columns.items() if c in df and df[c].notna().any()}
-    present_right = {c: label for c, label in (right or {}).items() if c in df and df[c].notna().any()}
-    if not present and not present_right:
+def speed_chart(summary: pd.DataFrame, chosen: int | None) -> go.Figure | None:
+    """Milliseconds per token per rank, with the adapter and merged: medians with the
+    fastest–slowest timed run."""
+    series = {c: v for c, v in SPEED_SERIES.items() if c in summary and summary[c].notna().any()}
+    if not series:
         return None
+    ranks = [int(r) for r in summary["rank"]]
     fig = go.Figure()
-    for col, label in present.items():
-        fig.add_scatter(x=df["rank"], y=df[col], mode="lines+markers", name=label)
-    for col, label in present_right.items():
-        fig.add_bar(x=df["rank"], y=df[col], name=label, yaxis="y2", opacity=0.35)
-    if present_right:
-        fig.update_layout(yaxis2=dict(title=right_title, overlaying="y", side="right", showgrid=False,
-                                      rangemode="tozero"))
-    if from_zero:
-        fig.update_yaxes(rangemode="tozero")
-    if present:
-        first, label = next(iter(present.items()))
-        base_value = _base(summary, first)
-        if base_value is not None:
-            fig.add_hline(y=base_value, line_dash="dash", line_color="gray", annotation_text=f"base model: {label}",
-                          annotation_position="bottom right")
-    _mark_rank(fig, rec_rank)
-    _rank_axis(fig, df["rank"])
-    return _layout(fig, title, "rank", y)
+    for col, (label, color) in series.items():
+        fig.add_scatter(x=list(range(len(ranks))), y=summary[col], error_y=_spread(summary, col), mode="lines+markers",
+                        name=label, line=dict(color=color), customdata=[w.ms(v) for v in summary[col]],
+                        hovertemplate="%{customdata} per token<extra>" + label + "</extra>")
+    fig.update_yaxes(rangemode="tozero")
+    _rank_positions(fig, ranks, chosen)
+    return _layout(fig, "Milliseconds per token (lower is faster; bars: fastest–slowest run)", "rank", "ms per token")
 
 
-def fmt_value(metric: str, value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return METRICS[metric].fmt.format(value) if metric in METRICS else f"{value:.4g}"
+def memory_chart(summary: pd.DataFrame, chosen: int | None, quant: str | None = "nf4") -> go.Figure | None:
+    """Weights per rank: the 4-bit base plus the adapter (stacked), and the merged
+    full-precision copy as a dashed line."""
+    if "base_mb" not in summary or not summary["base_mb"].notna().any():
+        return None
+    ranks = [int(r) for r in summary["rank"]]
+    x = list(range(len(ranks)))
+    adapter = summary["adapter_mb"].fillna(0) if "adapter_mb" in summary else pd.Series([0.0] * len(ranks))
+    fig = go.Figure()
+    fig.add_bar(x=x, y=summary["base_mb"], name=f"{w.base_kind(quant)} base model", marker_color=GREY,
+                hovertemplate="base model %{y:.0f} MB<extra></extra>")
+    fig.add_bar(x=x, y=adapter, name="adapter", marker_color=GREEN, text=[f"+{w.mb(v)}" if v else "" for v in adapter],
+                textposition="outside", hovertemplate="adapter %{y:.2f} MB<extra></extra>")
+    fig.update_layout(barmode="stack")
+    if "merged_mb" in summary and summary["merged_mb"].notna().any():
+        fig.add_hline(y=float(summary["merged_mb"].dropna().iloc[0]), line_dash="dash", line_color=BLUE,
+                      annotation_text="merged full-precision copy", annotation_position="top left")
+    _rank_positions(fig, ranks, chosen)
+    return _layout(fig, "Model weights per rank (MB)", "rank", "MB")

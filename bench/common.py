@@ -184,7 +184,8 @@ def block_linear_names(model) -> list[str]:
 
 
 class PeftLoRATrainer:
-    """Plain QLoRA baseline: peft.get_peft_model(LoraConfig(r, alpha, dropout, all block linears)).
+    """Plain QLoRA baseline: peft.get_peft_model(LoraConfig(r, alpha, dropout, all block linears)),
+    with scale alpha/r, or alpha/sqrt(r) when use_rslora (rsLoRA).
 
     Follows core.train.Trainer's recipe exactly: same encoded data (core.train.encode_dataset),
     same batch order (core.train.BatchOrder, same seed), AdamW on the trainable params,
@@ -192,7 +193,7 @@ class PeftLoRATrainer:
     What it does not do (because plain LoRA trains every row): set_rank and UntrainedRowGuard.
     """
 
-    def __init__(self, cfg, rank: int, model=None, tokenizer=None, resolved=None, examples=None):
+    def __init__(self, cfg, rank: int, model=None, tokenizer=None, resolved=None, examples=None, use_rslora: bool = False):
         from peft import LoraConfig, get_peft_model
 
         from core.data import load_training_data
@@ -206,7 +207,7 @@ class PeftLoRATrainer:
         self.tokenizer, self.resolved = tokenizer, resolved
         targets = cfg.target_modules or block_linear_names(model)
         lcfg = LoraConfig(r=rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM")
+                          bias="none", task_type="CAUSAL_LM", use_rslora=use_rslora)
         self.model = get_peft_model(model, lcfg)
         self.model.config.use_cache = False
         if cfg.gradient_checkpointing:

@@ -88,45 +88,64 @@ def rank_search(name: str) -> None:
 
 
 def rank_search_variants(name: str) -> None:
+    """Parity benchmark: per held-out set, NLL by rank of each side at its best lr, gaps, and the lr search."""
     data = _load(name)
-    ref = _load(data["config"]["from"]) if data else None
-    if not data or not ref:
+    if not data or "final" not in data:
         return
-    ranks = [r["rank"] for r in ref["per_rank"]]
+    ranks = data["config"]["ranks"]
     x = list(range(len(ranks)))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2))
-    q = [r["qlora"]["ref_nll"] for r in ref["per_rank"]]
-    axes[0].plot(x, q, "s-", color=C_QLORA, label=f"QLoRA, one run per rank ({ref['config']['steps']} steps each)")
-    uni = [r["qdylora"]["ref_nll"] for r in ref["per_rank"]]
-    axes[0].plot(x, uni, "o-", color=C_QDY, label=f"QDyLoRA uniform, {ref['config']['steps']} steps (rank_search)")
-    axes[1].plot(x, [100 * r["nll_gap"]["gap"] for r in ref["per_rank"]], "o-", color=C_QDY, label="QDyLoRA uniform, %d steps (rank_search)" % ref["config"]["steps"])
-    palette = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
-    for (variant, v), color in zip(data["variants"].items(), palette * 4):
-        if v.get("kind") == "qlora":
-            axes[0].plot([ranks.index(v["rank"])], [v["per_rank"][0]["ref_nll"]], "s", ms=9, mfc="none", mew=2, color=C_QLORA,
-                         label=f"QLoRA r={v['rank']}, {v['steps']} steps")
-            continue
-        label = f"QDyLoRA {v.get('rank_sampling', variant)}, {v.get('steps', ref['config']['steps'])} steps"
-        xs = [ranks.index(r["rank"]) for r in v["per_rank"]]
-        axes[0].plot(xs, [r["ref_nll"] for r in v["per_rank"]], "D--", color=color, label=label)
-        axes[1].plot(xs, [100 * r.get("nll_gap", {"gap": r["gap_point"]})["gap"] for r in v["per_rank"]], "D--", color=color,
-                     label=label + " vs QLoRA %d steps" % ref["config"]["steps"])
-    for g in data.get("same_budget", []):
-        axes[1].plot([ranks.index(g["rank"])], [100 * g["gap"]["gap"]], "*", ms=14, color="k",
-                     label=f"QDyLoRA {g['qdylora']} vs QLoRA r={g['rank']}, both {g['steps']} steps")
-    axes[0].set_title("reference NLL per token (lower is better)", fontsize=10)
-    axes[1].set_title("NLL gap (QDyLoRA - QLoRA) / QLoRA at the same rank, %", fontsize=10)
-    axes[1].axhline(2, color="k", ls=":", label="target: gap <= +2 %")
-    axes[1].axhline(0, color=C_BASE, lw=0.8)
-    for ax in axes:
-        ax.set_xticks(x, [str(r) for r in ranks])
-        ax.set_xlabel("rank")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
-    fig.suptitle("What moves the gap: rank sampling rule, training steps, and a fixed-rank control (SmolLM2-135M NF4, r_max %d)" % max(ranks), fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    sets = list(data["final"])
+    fig, axes = plt.subplots(len(sets), 3, figsize=(17, 5.2 * len(sets)), squeeze=False)
+    palette = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#1f77b4", "#aec7e8", "#ffbb78", "#98df8a"]
+    styles = {"qlora": ("s-", C_QLORA), "rslora": ("s--", "#a50f15"), "today": ("o:", C_BASE)}
+    for row, set_name in zip(axes, sets):
+        final = data["final"][set_name]
+        colors = iter(palette * 3)
+        for side, by_rank in sorted(final["rows"].items()):
+            marker, color = styles.get(side, ("D-", next(colors)))
+            xs = [ranks.index(int(r)) for r in by_rank]
+            vals = [v["nll"] for v in by_rank.values()]
+            lrs = sorted({v["lr"] for v in by_rank.values()})
+            label = f"{side} (lr {', '.join(f'{lr:g}' for lr in lrs)})" if side not in DEDICATED_PLOT else f"{side}, dedicated run per rank, its best lr"
+            if side == "today":
+                label = f"today's defaults (alpha/b, uniform, lr {lrs[0]:g})"
+            row[0].plot(xs, vals, marker, color=color, label=label, lw=2.2 if side in DEDICATED_PLOT else 1.2)
+            if side in final["gaps"]:
+                gaps = final["gaps"][side]
+                gx = [ranks.index(int(r)) for r in gaps]
+                g = [100 * v["nll_gap"]["gap"] for v in gaps.values()]
+                lo = [100 * v["nll_gap"]["lo"] for v in gaps.values()]
+                hi = [100 * v["nll_gap"]["hi"] for v in gaps.values()]
+                row[1].errorbar(gx, g, yerr=_err(g, lo, hi), fmt=marker, color=color, capsize=3, label=side)
+        row[0].axhline(final["base_nll"], color=C_BASE, lw=0.8, ls="--", label=f"base model {final['base_nll']:.2f}")
+        row[0].set_title(f"{set_name}: reference NLL per token on {final['prompts']} prompts (lower is better)", fontsize=10)
+        row[1].set_title(f"{set_name}: gap to the best dedicated run at each rank, % (paired 95 % CI)", fontsize=10)
+        row[1].axhline(100 * data["config"]["target_gap"], color="k", ls=":", label="target +2 %")
+        row[1].axhline(0, color=C_BASE, lw=0.8)
+        search = data["search"][set_name]
+        colors = iter(palette * 3)
+        for side, by_lr in sorted(search.items()):
+            marker, color = styles.get(side, ("D-", next(colors)))
+            lrs = sorted(by_lr, key=float)
+            means = [sum(by_lr[lr].values()) / len(by_lr[lr]) if by_lr[lr] else float("nan") for lr in lrs]
+            row[2].plot([float(lr) for lr in lrs], [m if m < 1e9 else float("nan") for m in means], marker, color=color, label=side)
+        row[2].set_xscale("log")
+        row[2].set_title(f"{set_name}: lr search, mean NLL over the ranks run (search subset)", fontsize=10)
+        row[2].set_xlabel("learning rate")
+        for ax in row[:2]:
+            ax.set_xticks(x, [str(r) for r in ranks])
+            ax.set_xlabel("rank")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=1)
+    fig.suptitle(f"One run for every rank vs a dedicated QLoRA run per rank, each at its best lr "
+                 f"({data['config']['steps']} steps, SmolLM2-135M NF4)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
     _footer(fig, data)
     _save(fig, name)
+
+
+DEDICATED_PLOT = ("qlora", "rslora")
 
 
 def step_time(name: str) -> None:
@@ -286,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = "--quick" in argv
     names = [a for a in argv if not a.startswith("--")] or list(PLOTS)
     for name in names:
-        base = name.removesuffix("_quick")
+        base = name.removesuffix("_quick").removesuffix("_200")
         target = name if name.endswith("_quick") else (f"{name}_quick" if quick else name)
         if base in PLOTS:
             PLOTS[base](target)

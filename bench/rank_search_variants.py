@@ -1,26 +1,42 @@
-"""Follow-up to rank_search.py: what closes the NLL gap to per-rank QLoRA — another
-rank-sampling rule, or more steps (e.g. the same total compute as the five QLoRA runs)?
-And does a longer QLoRA run move too (`qlora@R:STEPS`: one PEFT run at rank R)? Control:
-`fixed@R` trains the library's QDyLoRA at b = R on every step, which must match QLoRA r = R.
+"""Rank-elastic training at parity: every one-run recipe against dedicated QLoRA runs, each
+side at its best learning rate from the same grid (issue 9).
 
-Trains one QDyLoRA run per variant with core.train.Trainer (same data, batch, max length,
-lr and seed as the rank_search.json it reads; a variant `SAMPLING[:STEPS]` sets
-`rank_sampling` and optionally the number of steps, default: rank_search's) and
-measures the reference NLL (teacher forcing, all eval prompts, bootstrap interval) at
-ranks 1,2,4,8,16. The QLoRA numbers and per-prompt sums are read from
-results/rank_search.json (same prompts, same order), so the paired gap is computed as
-there. No generations (time).
+Sides (default model, NF4, sample_data/train.jsonl, batch 4, max length 192, seed 42):
+- `qlora`  : one dedicated PEFT LoRA run per rank r (scale alpha/r), bench/common.PeftLoRATrainer;
+- `rslora` : the same with PEFT's use_rslora (scale alpha/sqrt(r));
+- `svd_qlora`, `svd_rslora`: the dedicated r = r_max run of that side, cut to rank b by a
+  truncated SVD of each layer's update (core.qdylora.truncation; costs no training of its own);
+- QDyLoRA recipes: one core.train.Trainer run serving ranks 1..r_max (RECIPES below: scale rule,
+  rank sampling, ranks per step, sandwich rule, distillation).
 
-Each invocation adds its variants to results/rank_search_variants.json (same-named ones are
-replaced; each records its own date, commit and load), so variants can be run one by one.
+Every (side, rank or recipe, lr, steps) is one job: train, save the adapter, and measure the
+per-token reference NLL of each rank on the lr-search subsets of BOTH held-out sets
+(`recall`: sample_data/eval.jsonl, references copied from training answers; `reworded`:
+sample_data/eval_reworded.jsonl, the same facts in new words). Jobs run in N worker processes
+with one thread each (on 2 cores, 2 x 1 thread trains ~1.3x more per second than 1 x 2) and
+claim work through files, so an interrupted phase resumes where it stopped.
 
-    .venv/bin/python bench/rank_search_variants.py [--quick] [--variants uniform:200,pow2,qlora@16:200]
+Then `final` picks, per set, each side's best lr (per rank for dedicated runs: each dedicated run
+is tuned on its own; one lr for a one-run recipe: the lowest mean NLL over ranks), evaluates the
+chosen adapters on the FULL sets plus ROUGE-L of greedy answers, and computes paired 95 %
+intervals of every recipe's gap to the best dedicated run at each rank (same prompts resampled).
+
+    .venv/bin/python bench/rank_search_variants.py queue --steps 40 --sides ... --lrs ... [--ranks ...] [--front]
+    .venv/bin/python bench/rank_search_variants.py train --steps 40 [--workers 2]   # runs the queue
+    .venv/bin/python bench/rank_search_variants.py final --steps 40
+    .venv/bin/python bench/rank_search_variants.py status --steps 40
+    (--quick: 2 steps, 4 prompts, one lr; writes rank_search_variants_quick.json)
+
+Timing: each job records its training seconds and seconds per step, but the grid runs beside
+other work; cost ratios are measured separately and interleaved (bench/step_time.py).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -29,169 +45,521 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from core.qdylora import set_rank  # noqa: E402
-from core.train import TrainConfig, Trainer  # noqa: E402
+RANKS = [1, 2, 4, 8, 16]
+LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+SETS = {"recall": common.SAMPLE / "eval.jsonl", "reworded": common.SAMPLE / "eval_reworded.jsonl"}
+SEARCH_PROMPTS = 24          # per set, for the lr search
+GEN_PROMPTS = 24             # per set, for ROUGE-L in the final evaluation
+MAX_NEW_TOKENS = 48
+TODAY = {"recipe": "shipped", "lr": 2e-4}  # the defaults before this benchmark (alpha/b, uniform, lr 2e-4)
+TARGET_GAP = 0.02
 
-from rank_search import paired_gap, reference_nll  # noqa: E402
-
-
-def parse_variant(text: str, default_steps: int) -> tuple[str, int | None, int]:
-    """'uniform:200' → ('uniform', None, 200); 'qlora@16:200' → ('qlora', 16, 200); 'pow2' → ('pow2', None, default).
-
-    'fixed@R' is QDyLoRA with every step at b = R (rank_sampling list [R]): the control that
-    the library's training at one fixed rank matches a PEFT LoRA run of that rank."""
-    head, _, steps_text = text.partition(":")
-    kind, _, rank_text = head.partition("@")
-    steps = int(steps_text) if steps_text else default_steps
-    if kind in ("qlora", "fixed"):
-        if not rank_text:
-            raise SystemExit(f"variant {text!r}: write {kind}@RANK[:STEPS]")
-        return kind, int(rank_text), steps
-    if kind not in ("uniform", "pow2", "low", "high"):
-        raise SystemExit(f"variant {text!r}: unknown rank sampling {kind!r}")
-    return kind, None, steps
-
-
-def nll_row(model, tokenizer, items, rank: int, qlora40: dict, n_boot: int) -> dict:
-    row = {"rank": rank} | reference_nll(model, tokenizer, items, n_boot)
-    row |= {"qlora_ref_nll": qlora40["ref_nll"], "gap_point": row["ref_nll"] / qlora40["ref_nll"] - 1}
-    common.log(f"  rank {rank}: NLL {row['ref_nll']:.4f} [{row['ref_nll_lo']:.4f}, {row['ref_nll_hi']:.4f}] vs QLoRA (rank_search) "
-               f"{qlora40['ref_nll']:.4f}: {row['gap_point']:+.2%}")
-    return row
+# One-run recipes: TrainConfig fields on top of the shared recipe. Order = priority in the queue.
+RECIPES: dict[str, dict] = {
+    "shipped": {"scale": "alpha/b", "rank_sampling": "uniform"},
+    "sqrt": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform"},
+    "sqrt_high": {"scale": "alpha/sqrt(b)", "rank_sampling": "high"},
+    "const": {"scale": "constant", "rank_sampling": "uniform"},
+    "sqrt_k4": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "ranks_per_step": 4},
+    "const_k4": {"scale": "constant", "rank_sampling": "uniform", "ranks_per_step": 4},
+    "sqrt_high_k4": {"scale": "alpha/sqrt(b)", "rank_sampling": "high", "ranks_per_step": 4},
+    "const_high_k4": {"scale": "constant", "rank_sampling": "high", "ranks_per_step": 4},
+    "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},
+    "sqrt_sandwich_kd": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max", "distill": 0.5},
+}
+DEDICATED = {"qlora": "alpha/b", "rslora": "alpha/sqrt(b)"}      # side → scale rule
+SVD_OF = {"svd_qlora": "qlora", "svd_rslora": "rslora"}          # derived side → dedicated side
 
 
-def run_qdylora(sampling: str, steps: int, ranks: list[int], cfg0: dict, nll_items, qlora40: dict, per_prompt,
-                fixed_rank: int | None = None) -> dict:
-    out = common.TMP / f"rank_search_variant_{sampling}{fixed_rank or ''}_{steps}"
-    shutil.rmtree(out, ignore_errors=True)
-    rank_choice = {"rank_sampling": "list", "rank_list": [fixed_rank]} if fixed_rank else {"rank_sampling": sampling}
-    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), quant="nf4", r_max=max(ranks), steps=steps,
-                      batch_size=cfg0["batch_size"], max_length=cfg0["max_length"], lr=cfg0["lr"], seed=cfg0["seed"],
-                      checkpoint_every=max(10, steps), **rank_choice)
-    if fixed_rank:
-        ranks = [fixed_rank]
-    common.log(f"QDyLoRA variant {rank_choice}: {steps} steps")
+def shared_config(steps: int, quick: bool) -> dict:
+    return {"data": str(common.TRAIN_FILE), "quant": "nf4", "batch_size": 4, "max_length": 64 if quick else 192,
+            "seed": 42, "alpha": 16.0, "dropout": 0.05, "steps": steps, "checkpoint_every": steps,
+            "warmup_ratio": 0.03, "lr_schedule": "constant", "max_grad_norm": 0.3}
 
-    def on_event(e):
-        if e.get("event") == "step" and e["step"] % 20 == 0:
-            common.log(f"  step {e['step']}/{steps}, loss {e['loss']:.3f}, rank {e['rank']}")
 
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, on_event=on_event)
+def root(steps: int, quick: bool) -> Path:
+    return common.TMP / ("rank_parity_quick" if quick else "rank_parity") / f"steps{steps}"
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def job_id(side: str, lr: float, rank: int | None = None) -> str:
+    return f"{side}{'' if rank is None else f'-r{rank}'}-lr{lr:g}"
+
+
+def job_list(sides: list[str], lrs: list[float], ranks: list[int] | None = None) -> list[dict]:
+    """Training jobs in priority order (lr outermost, in the order given); dedicated sides at `ranks`."""
+    jobs = []
+    if "shipped" in sides and TODAY["lr"] not in lrs:
+        jobs.append({"id": job_id("shipped", TODAY["lr"]), "side": "shipped", "rank": None, "lr": TODAY["lr"]})
+    for lr in lrs:
+        for side in sides:
+            if side in DEDICATED:
+                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)]
+            elif side in RECIPES:
+                jobs.append({"id": job_id(side, lr), "side": side, "rank": None, "lr": lr})
+    return jobs
+
+
+def queue_path(steps: int, quick: bool) -> Path:
+    return root(steps, quick) / "queue.json"
+
+
+def read_queue(steps: int, quick: bool) -> list[dict]:
+    path = queue_path(steps, quick)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def queue_phase(args) -> None:
+    """Add jobs to the queue the workers read before each job (--replace: start the queue afresh).
+    Re-planning while workers run is how the grid is steered: central lrs first, then edges where needed."""
+    path = queue_path(args.steps, args.quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    queue = [] if args.replace else read_queue(args.steps, args.quick)
+    known = {j["id"] for j in queue}
+    new = [j for j in job_list(args.sides, args.lrs, args.ranks) if j["id"] not in known]
+    queue = (new + queue) if args.front else (queue + new)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(queue, indent=1))
+    tmp.replace(path)
+    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
+    print(f"queue: {len(queue)} jobs ({len(new)} added), {len([j for j in queue if j['id'] not in done])} not done")
+
+
+def claim(folder: Path, job: dict) -> bool:
+    """Atomically take a job; a claim whose process is gone is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / f"{job['id']}.json").exists():
+        return False
+    path = folder / f"{job['id']}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            path.unlink(missing_ok=True)
+    return False
+
+
+def _alive(pid: int) -> bool:
     try:
-        trainer.setup()
-        result = trainer.train()
-    finally:
-        trainer.cleanup()
-    train_s = time.perf_counter() - t0
-    trainer.model.eval()
-    rows = []
-    for b in ranks:
-        set_rank(trainer.model, b)
-        row = nll_row(trainer.model, trainer.tokenizer, nll_items, b, qlora40[b], cfg0["n_boot"])
-        if per_prompt:
-            row["nll_gap"] = paired_gap(row, per_prompt[str(b)], cfg0["n_boot"])
-        rows.append(row)
-    done = {"kind": "qdylora", "rank_sampling": f"fixed b={fixed_rank}" if fixed_rank else sampling, "steps": steps, "train_s": train_s, "final_loss": result.final_loss,
-            "histogram": trainer.histogram, "per_rank": rows}
-    del trainer
-    gc.collect()
-    shutil.rmtree(out, ignore_errors=True)
-    return done
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
-def run_qlora(rank: int, steps: int, cfg0: dict, nll_items, qlora40: dict) -> dict:
-    out = common.TMP / f"rank_search_variant_qlora{rank}_{steps}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), quant="nf4", r_max=rank, steps=steps,
-                      batch_size=cfg0["batch_size"], max_length=cfg0["max_length"], lr=cfg0["lr"], seed=cfg0["seed"],
-                      checkpoint_every=max(10, steps))
-    common.log(f"QLoRA variant r={rank}: {steps} steps")
-    t0 = time.perf_counter()
-    peft = common.PeftLoRATrainer(cfg, rank=rank)
-
-    def on_step(s, loss, dt):
-        if s % 20 == 0:
-            common.log(f"  step {s}/{steps}, loss {loss:.3f}, {dt:.1f}s/step")
-
-    losses = peft.train(on_step=on_step)
-    train_s = time.perf_counter() - t0
-    rows = [nll_row(peft.model, peft.tokenizer, nll_items, rank, qlora40[rank], cfg0["n_boot"])]
-    del peft
-    gc.collect()
-    shutil.rmtree(out, ignore_errors=True)
-    return {"kind": "qlora", "rank": rank, "steps": steps, "train_s": train_s, "final_loss": losses[-1], "per_rank": rows}
+class Diverged(Exception):
+    pass
 
 
-def same_budget_gaps(variants: dict, n_boot: int) -> list[dict]:
-    """QDyLoRA vs QLoRA trained for the same number of steps, at each rank both have (paired when both kept sums)."""
-    out = []
-    for qname, q in variants.items():
-        if q.get("kind") != "qlora":
+def divergence_guard(first: list[float], step: int, loss: float) -> None:
+    """Stop a run whose loss is not finite, or has climbed well above where it started."""
+    if not first:
+        first.append(loss)
+    if not math.isfinite(loss) or (step >= 10 and loss > 1.5 * first[0]):
+        raise Diverged(f"loss {loss:.3f} at step {step} (first {first[0]:.3f})")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_items(quick: bool, full: bool) -> dict:
+    from core.data import load_eval_set
+
+    n = 4 if quick else (None if full else SEARCH_PROMPTS)
+    return {name: load_eval_set(path).items[:n] for name, path in SETS.items()}
+
+
+def nll_of(model, tokenizer, items) -> dict:
+    from core.evaluation.sweep import measure_nll
+
+    pairs = measure_nll(model, tokenizer, items, batch_size=8)
+    sums, counts = [s for s, _ in pairs], [c for _, c in pairs]
+    return {"nll": sum(sums) / sum(counts), "sums": sums, "counts": counts}
+
+
+def evaluate_ranks(model, tokenizer, items: dict, ranks: list[int], fixed_rank: int | None = None) -> dict:
+    """{set: {rank: {nll, sums, counts}}} by set_rank on the loaded model (or, for a PEFT model, its one rank)."""
+    from core.qdylora import set_rank
+
+    model.eval()
+    out = {}
+    for name, its in items.items():
+        out[name] = {}
+        if fixed_rank is not None:
+            out[name][str(fixed_rank)] = nll_of(model, tokenizer, its)
             continue
-        for dname, d in variants.items():
-            if d.get("kind", "qdylora") != "qdylora" or d["steps"] != q["steps"]:
-                continue
-            for row in d["per_rank"]:
-                if row["rank"] != q["rank"]:
-                    continue
-                ref = q["per_rank"][0]
-                gap = {"gap": row["ref_nll"] / ref["ref_nll"] - 1}
-                if "nll_sums" in row:
-                    gap = paired_gap(row, ref, n_boot)
-                out.append({"qdylora": dname, "qlora": qname, "rank": q["rank"], "steps": q["steps"],
-                            "qdylora_nll": row["ref_nll"], "qlora_nll": ref["ref_nll"], "gap": gap})
+        for b in ranks:
+            set_rank(model, b)
+            out[name][str(b)] = nll_of(model, tokenizer, its)
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--variants", default="uniform:200,pow2",
-                   help="comma-separated SAMPLING[:STEPS] (SAMPLING in uniform, pow2, low, high), fixed@RANK[:STEPS] or qlora@RANK[:STEPS]")
-    args = p.parse_args()
-    info = common.machine_info()
-    print(info)
-    ref_name = common.result_name("rank_search", args.quick)
-    ref = json.loads((common.RESULTS / f"{ref_name}.json").read_text())
-    cfg0 = ref["config"]
-    ranks = [r["rank"] for r in ref["per_rank"]]
-    qlora40 = {r["rank"]: r["qlora"] for r in ref["per_rank"]}
-    # Per-prompt QLoRA NLL sums (for the paired interval) are in rank_search.json from the version of
-    # rank_search.py that writes qlora_nll_per_prompt; without them only the point gap is reported.
-    per_prompt = ref.get("qlora_nll_per_prompt")
-    variants = [(v.strip(), *parse_variant(v.strip(), cfg0["steps"])) for v in args.variants.split(",") if v.strip()]
-    from core.data import load_eval_set
+def peft_to_ours(peft_model) -> dict:
+    """PEFT LoRA tensors → our '<module>.lora_A' / '.lora_B' keys."""
+    state = {}
+    for name, param in peft_model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            module, kind = name.split(".lora_")
+            module = module.removeprefix("base_model.model.")
+            state[f"{module}.lora_{kind[0]}"] = param.detach().float().cpu().contiguous()
+    return state
 
-    items = load_eval_set(common.EVAL_FILE).items
-    nll_items = items[: cfg0["nll_prompts"]] if cfg0["nll_prompts"] else items
-    name = common.result_name("rank_search_variants", args.quick)
-    previous = common.RESULTS / f"{name}.json"
-    results = json.loads(previous.read_text())["variants"] if previous.is_file() else {}
-    for label, kind, rank, steps in variants:
-        provenance = {"date": common.machine_info()["date"], "git_commit": info.get("git_commit"), "loadavg_start": common.loadavg()}
-        if kind == "qlora":
-            done = run_qlora(rank, steps, cfg0, nll_items, qlora40)
-        elif kind == "fixed":
-            done = run_qdylora("list", steps, ranks, cfg0, nll_items, qlora40, per_prompt, fixed_rank=rank)
+
+class AdapterBench:
+    """One NF4 base with r_max-16 QDyLoRA layers into which any saved adapter is loaded (zero-padded)."""
+
+    def __init__(self, steps: int, quick: bool, r_max: int = 16):
+        from core.models import load_base_model
+        from core.qdylora import QDyLoRAConfig, inject_qdylora
+        from core.train import TrainConfig
+
+        cfg = TrainConfig(out=str(root(steps, quick) / "unused"), r_max=r_max, **shared_config(steps, quick))
+        self.model, self.tokenizer, _ = load_base_model(cfg.model_spec())
+        inject_qdylora(self.model, QDyLoRAConfig(r_max=r_max, alpha=16.0))
+        self.r_max = r_max
+
+    def load(self, state: dict, scale_rule: str, alpha: float = 16.0) -> None:
+        import torch
+
+        from core.qdylora import qdylora_layers
+
+        with torch.no_grad():
+            for name, layer in qdylora_layers(self.model).items():
+                a, b = state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+                layer.lora_A.zero_()
+                layer.lora_B.zero_()
+                layer.lora_A[: a.shape[0]] = a
+                layer.lora_B[:, : b.shape[1]] = b
+                layer.scale_rule, layer.alpha = scale_rule, alpha
+
+
+def svd_state(state: dict, scale_rule: str, r_max: int = 16) -> tuple[dict, str]:
+    from core.qdylora import QDyLoRAConfig
+    from core.qdylora.truncation import inference_adapter_state, inference_config
+
+    trained = QDyLoRAConfig(r_max=r_max, alpha=16.0, scale=scale_rule, method="svd")
+    return inference_adapter_state(state, trained), inference_config(trained).scale
+
+
+# ----------------------------------------------------------------------------- train phase
+
+
+def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> dict:
+    """Train one job, save its adapter, measure its ranks on the search subsets."""
+    from safetensors.torch import save_file
+
+    from core.qdylora.inject import adapter_state_dict
+    from core.train import TrainConfig, Trainer
+
+    out = root(steps, quick) / "runs" / job["id"]
+    shutil.rmtree(out, ignore_errors=True)
+    first: list[float] = []
+    step_s: list[float] = []
+    t0 = time.perf_counter()
+    result = {"job": job, "steps": steps, "started": common.machine_info()["date"], "loadavg_start": common.loadavg()}
+    try:
+        if job["side"] in DEDICATED:
+            cfg = TrainConfig(out=str(out), r_max=job["rank"], lr=job["lr"], **shared_config(steps, quick))
+            trainer = common.PeftLoRATrainer(cfg, rank=job["rank"], use_rslora=job["side"] == "rslora")
+
+            def on_step(s, loss, dt):
+                step_s.append(dt)
+                divergence_guard(first, s, loss)
+
+            losses = trainer.train(on_step=on_step)
+            model, tokenizer = trainer.model, trainer.tokenizer
+            state = peft_to_ours(model)
+            scale_rule, ranks, fixed = DEDICATED[job["side"]], [job["rank"]], job["rank"]
         else:
-            done = run_qdylora(kind, steps, ranks, cfg0, nll_items, qlora40, per_prompt)
-        results[label] = done | provenance | {"loadavg_end": common.loadavg()}
-    same_budget = same_budget_gaps(results, cfg0["n_boot"])
+            cfg = TrainConfig(out=str(out), r_max=max(RANKS), lr=job["lr"], **shared_config(steps, quick), **RECIPES[job["side"]])
+            stamps: list[float] = []
+
+            def on_event(e):
+                if e.get("event") == "step":
+                    stamps.append(e["time"])
+                    divergence_guard(first, e["step"], e["loss"])
+
+            trainer = Trainer(cfg, on_event=on_event)
+            try:
+                trainer.setup()
+                trainer.train()
+            finally:
+                trainer.cleanup()
+            losses = trainer.losses
+            step_s = [b - a for a, b in zip(stamps, stamps[1:])]
+            model, tokenizer = trainer.model, trainer.tokenizer
+            state = adapter_state_dict(model)
+            scale_rule, ranks, fixed = cfg.scale, RANKS, None
+            result["histogram"] = trainer.histogram
+        train_s = time.perf_counter() - t0
+        adapters = root(steps, quick) / "adapters"
+        adapters.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(adapters / f"{job['id']}.safetensors"))
+        result |= {"train_s": train_s, "median_step_s": common.med(step_s), "losses": losses, "scale_rule": scale_rule,
+                   "evals": evaluate_ranks(model, tokenizer, items, ranks, fixed)}
+        if job["side"] in DEDICATED and job["rank"] == max(RANKS):
+            del trainer, model
+            gc.collect()
+            bench = AdapterBench(steps, quick)
+            bench.load(*svd_state(state, scale_rule))
+            result["svd_evals"] = evaluate_ranks(bench.model, bench.tokenizer, items, RANKS)
+    except Diverged as exc:
+        result |= {"diverged": str(exc), "train_s": time.perf_counter() - t0}
+    result |= {"loadavg_end": common.loadavg(), "eval_s": time.perf_counter() - t0 - result["train_s"]}
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = folder / f"{job['id']}.json.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.replace(folder / f"{job['id']}.json")
+    (folder / f"{job['id']}.claim").unlink(missing_ok=True)
+    return result
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = root(args.steps, args.quick) / "jobs"
+    items = eval_items(args.quick, full=False)
+    while True:
+        job = next((j for j in read_queue(args.steps, args.quick) if claim(folder, j)), None)
+        if job is None:
+            return
+        common.log(f"[worker {os.getpid()}] {job['id']}: training {args.steps} steps")
+        res = run_job(job, args.steps, args.quick, items, folder)
+        summary = res.get("diverged") or ", ".join(
+            f"{s} " + "/".join(f"{v['nll']:.3f}" for v in res["evals"][s].values()) for s in res["evals"])
+        common.log(f"[worker {os.getpid()}] {job['id']}: {res['train_s']:.0f}s train, {summary}")
+        gc.collect()
+
+
+def train_phase(args) -> None:
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    if not read_queue(args.steps, args.quick):
+        queue_phase(args)
+    cmd = [sys.executable, __file__, "worker", "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    common.log(f"{len(read_queue(args.steps, args.quick))} jobs queued, {args.workers} workers x {args.threads} thread(s)")
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a worker failed: exit codes {codes}")
+    base_phase(args)
+
+
+def base_phase(args) -> None:
+    """The base model's NLL on the search subsets and the full sets (rank 0), once."""
+    path = root(args.steps, args.quick) / "base.json"
+    if path.is_file():
+        return
+    bench = AdapterBench(args.steps, args.quick)
+    out = {"search": evaluate_ranks(bench.model, bench.tokenizer, eval_items(args.quick, False), [0]),
+           "full": evaluate_ranks(bench.model, bench.tokenizer, eval_items(args.quick, True), [0])}
+    path.write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- final phase
+
+
+def load_jobs(steps: int, quick: bool) -> list[dict]:
+    folder = root(steps, quick) / "jobs"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def search_table(jobs: list[dict]) -> dict:
+    """{set: {side: {lr: {rank: nll}}}} from the search subsets (diverged runs: inf)."""
+    table: dict = {}
+    for res in jobs:
+        job = res["job"]
+        derived = [(job["side"], res.get("evals"))]
+        if "svd_evals" in res:
+            derived.append((next(k for k, v in SVD_OF.items() if v == job["side"]), res["svd_evals"]))
+        for side, evals in derived:
+            for set_name in SETS:
+                cell = table.setdefault(set_name, {}).setdefault(side, {}).setdefault(job["lr"], {})
+                if res.get("diverged"):
+                    for r in ([job["rank"]] if side in DEDICATED else RANKS):
+                        cell[r] = math.inf
+                    continue
+                for r, v in evals[set_name].items():
+                    cell[int(r)] = v["nll"]
+    return table
+
+
+def best_lrs(table: dict) -> dict:
+    """{set: {side: {rank: lr}}}: dedicated sides per rank, one-run sides one lr (lowest mean NLL over ranks)."""
+    out: dict = {}
+    for set_name, sides in table.items():
+        for side, by_lr in sides.items():
+            if side in DEDICATED:
+                choice = {}
+                for r in RANKS:
+                    cands = [(v[r], lr) for lr, v in by_lr.items() if r in v]
+                    if cands:
+                        choice[r] = min(cands)[1]
+            else:
+                complete = [(sum(v[r] for r in RANKS) / len(RANKS), lr) for lr, v in by_lr.items() if all(r in v for r in RANKS)]
+                if not complete:
+                    continue
+                lr = min(complete)[1]
+                choice = {r: lr for r in RANKS}
+            out.setdefault(set_name, {})[side] = choice
+    return out
+
+
+def final_phase(args) -> None:
+    """Full-set NLL and ROUGE-L of each side's best-lr models, paired gaps, JSON + chart."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.evaluation.metrics import rouge_l_scores
+    from core.evaluation.stats import bootstrap_mean_ci, bootstrap_ratio_ci
+    from core.qdylora import set_rank
+    from core.runs import generate
+    from rank_search import paired_gap
+
+    torch.set_num_threads(args.threads)
+    info = common.machine_info()
+    jobs = load_jobs(args.steps, args.quick)
+    table = search_table(jobs)
+    choice = best_lrs(table)
+    base = json.loads((root(args.steps, args.quick) / "base.json").read_text())
+    full = eval_items(args.quick, full=True)
+    cache_path = root(args.steps, args.quick) / "final_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    bench = AdapterBench(args.steps, args.quick)
+    adapters = root(args.steps, args.quick) / "adapters"
+    needed = sorted({(side, lr, r) for sides in choice.values() for side, by_rank in sides.items() for r, lr in by_rank.items()}
+                    | {("shipped", TODAY["lr"], r) for r in RANKS})
+    for side, lr, r in needed:
+        key = f"{side}|{lr:g}|{r}"
+        if key in cache:
+            continue
+        if side in DEDICATED:
+            bench.load(load_file(str(adapters / f"{job_id(side, lr, r)}.safetensors")), DEDICATED[side])
+        elif side in SVD_OF:
+            src = SVD_OF[side]
+            bench.load(*svd_state(load_file(str(adapters / f"{job_id(src, lr, max(RANKS))}.safetensors")), DEDICATED[src]))
+        else:
+            rule = next(j["scale_rule"] for j in jobs if j["job"]["id"] == job_id(side, lr))
+            bench.load(load_file(str(adapters / f"{job_id(side, lr)}.safetensors")), rule)
+        set_rank(bench.model, r)
+        bench.model.eval()
+        entry = {}
+        for set_name, items in full.items():
+            nll = nll_of(bench.model, bench.tokenizer, items)
+            gen = items[:GEN_PROMPTS if not args.quick else 4]
+            answers = generate(bench.model, bench.tokenizer, [it.prompt for it in gen], max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
+            entry[set_name] = nll | {"rouge": rouge_l_scores(answers, [it.reference for it in gen]), "answers": answers}
+        cache[key] = entry
+        cache_path.write_text(json.dumps(cache))
+        common.log(f"final {key}: " + ", ".join(f"{s} NLL {v['nll']:.3f} ROUGE-L {sum(v['rouge']) / len(v['rouge']):.3f}" for s, v in entry.items()))
+
+    def summary(entry: dict) -> dict:
+        ci = bootstrap_ratio_ci(entry["sums"], entry["counts"], n_resamples=2000, seed=0)
+        rouge = bootstrap_mean_ci(entry["rouge"], n_resamples=2000, seed=0)
+        return {"nll": ci.mean, "nll_lo": ci.lo, "nll_hi": ci.hi, "rouge_l": rouge.mean, "rouge_l_lo": rouge.lo, "rouge_l_hi": rouge.hi}
+
+    per_set = {}
+    for set_name, sides in choice.items():
+        rows = {}
+        for side, by_rank in sides.items():
+            rows[side] = {r: {"lr": lr} | summary(cache[f"{side}|{lr:g}|{r}"][set_name]) for r, lr in by_rank.items()}
+        rows["today"] = {r: {"lr": TODAY["lr"]} | summary(cache[f"shipped|{TODAY['lr']:g}|{r}"][set_name]) for r in RANKS}
+        peers = {}
+        for r in RANKS:
+            cands = [(rows[s][r]["nll"], s) for s in DEDICATED if s in rows and r in rows[s]]
+            if cands:
+                peers[r] = min(cands)[1]
+        gaps = {}
+        for side, by_rank in sides.items():
+            if side in DEDICATED:
+                continue
+            gaps[side] = {}
+            for r, lr in by_rank.items():
+                if r not in peers:
+                    continue
+                peer = sides[peers[r]][r]
+                ours = cache[f"{side}|{lr:g}|{r}"][set_name]
+                theirs = cache[f"{peers[r]}|{peer:g}|{r}"][set_name]
+                gap = paired_gap({"nll_sums": ours["sums"], "nll_counts": ours["counts"]},
+                                 {"nll_sums": theirs["sums"], "nll_counts": theirs["counts"]}, 2000)
+                diff = [a - b for a, b in zip(ours["rouge"], theirs["rouge"])]
+                gaps[side][r] = {"peer": peers[r], "nll_gap": gap, "rouge_diff": vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0))}
+        base_full = base["full"][set_name]["0"]
+        per_set[set_name] = {"rows": rows, "best_peer": peers, "gaps": gaps,
+                             "base_nll": base_full["nll"], "prompts": len(full[set_name])}
+    cost = {side: {"median_step_s": common.med([j["median_step_s"] for j in jobs if j["job"]["side"] == side and j.get("median_step_s")]),
+                   "train_s_median": common.med([j["train_s"] for j in jobs if j["job"]["side"] == side and not j.get("diverged")])}
+            for side in sorted({j["job"]["side"] for j in jobs})}
+    name = "rank_search_variants_quick" if args.quick else ("rank_search_variants" if args.steps == 40 else f"rank_search_variants_{args.steps}")
     common.write_result(name, {
-        "config": {"variants_this_invocation": args.variants, "quick": args.quick, "from": ref_name, "steps": cfg0["steps"],
-                   "batch_size": cfg0["batch_size"], "max_length": cfg0["max_length"], "lr": cfg0["lr"], "seed": cfg0["seed"]},
-        "uniform_from_rank_search": [{"rank": r["rank"], "ref_nll": r["qdylora"]["ref_nll"], "gap": r["nll_gap"]["gap"]} for r in ref["per_rank"]],
-        "variants": results, "same_budget": same_budget}, info)
-    for g in same_budget:
-        print(f"same budget ({g['steps']} steps), rank {g['rank']}: QDyLoRA {g['qdylora']} {g['qdylora_nll']:.4f} vs "
-              f"QLoRA {g['qlora_nll']:.4f}: gap {g['gap']['gap']:+.2%}")
+        "config": {"steps": args.steps, "ranks": RANKS, "lr_grid": sorted({j["job"]["lr"] for j in jobs}),
+                   "shared": shared_config(args.steps, args.quick), "recipes": RECIPES, "search_prompts_per_set": SEARCH_PROMPTS,
+                   "gen_prompts_per_set": GEN_PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "today": TODAY, "target_gap": TARGET_GAP},
+        "search": {s: {side: {f"{lr:g}": v for lr, v in by_lr.items()} for side, by_lr in sides.items()} for s, sides in table.items()},
+        "best_lr": choice, "base_search": {s: v["0"]["nll"] for s, v in base["search"].items()},
+        "final": per_set, "cost_during_grid": cost,
+        "diverged": sorted(j["job"]["id"] for j in jobs if j.get("diverged")),
+        "answers": {k: {s: v[s]["answers"][:5] for s in v} for k, v in cache.items()},
+        "jobs": [{k: v for k, v in j.items() if k not in ("evals", "svd_evals", "losses")} | {"final_loss": (j.get("losses") or [None])[-1]}
+                 for j in jobs],
+    }, info)
     try:
         import plot
 
         plot.main([name])
     except Exception as exc:  # a chart must never lose the numbers
         print(f"plot failed: {exc}")
+
+
+def status_phase(args) -> None:
+    jobs = read_queue(args.steps, args.quick)
+    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
+    print(f"{len(done & {j['id'] for j in jobs})} of {len(jobs)} queued jobs done; not done: "
+          + ", ".join(j["id"] for j in jobs if j["id"] not in done))
+    table = search_table(load_jobs(args.steps, args.quick))
+    for set_name, sides in table.items():
+        print(f"\n== {set_name} (search subset NLL; rank columns {RANKS})")
+        for side in sorted(sides):
+            for lr in sorted(sides[side]):
+                v = sides[side][lr]
+                print(f"{side:>18} lr {lr:<7g} " + " ".join(f"{v[r]:7.3f}" if r in v else "      -" for r in RANKS))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status"])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--sides", default=",".join([*DEDICATED, *RECIPES]), help="dedicated sides (qlora, rslora) and recipe names")
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in LR_GRID))
+    p.add_argument("--ranks", default=None, help="ranks of the dedicated runs to queue (default: all)")
+    p.add_argument("--replace", action="store_true", help="queue: start a new queue instead of adding")
+    p.add_argument("--front", action="store_true", help="queue: put the new jobs first")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    args.sides = [s for s in args.sides.split(",") if s]
+    unknown = [s for s in args.sides if s not in DEDICATED and s not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown sides {unknown}; known: {', '.join([*DEDICATED, *RECIPES])}")
+    args.lrs = [float(x) for x in args.lrs.split(",") if x]
+    args.ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
+    if args.quick:
+        args.steps = min(args.steps, 2)
+    {"train": train_phase, "worker": worker, "queue": queue_phase, "final": final_phase, "status": status_phase}[args.phase](args)
 
 
 if __name__ == "__main__":

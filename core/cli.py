@@ -58,36 +58,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "str | None": str, "int | None": int,
+               "list[str] | None": _str_list, "list[int] | None": _int_list}
+
+
+def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--r-max for r_max), its help from the field; unset flags keep
+    the config's own default, so the defaults live in one place."""
+    from dataclasses import MISSING, fields
+
+    from core.train_config import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name == "out":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        shown = default is not None and default is not False
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if shown else "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            # choices: a wrong name is a usage error that names the flag and what it accepts
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, choices=f.metadata.get("choices"),
+                                help=help_text.replace("%", "%%"))
+
+
+def train_config_from_args(args: argparse.Namespace, **fixed):
+    """The TrainConfig the flags ask for (fields not given take the config's defaults)."""
+    from dataclasses import fields
+
+    from core.train_config import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return TrainConfig(**(given | fixed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a QDyLoRA adapter (one run serves ranks 1..r_max)")
-    t.add_argument("--data", help="training data (JSONL or CSV); not needed with --resume")
-    t.add_argument("--prompt-col", default="prompt")
-    t.add_argument("--response-col", default="response")
-    t.add_argument("--model", default="default", help="'default', a local HF model folder or a hub id")
-    t.add_argument("--quant", default="nf4", choices=["nf4", "none"])
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--r-max", type=int, default=64)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--dropout", type=float, default=0.05)
-    t.add_argument("--target-modules", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="comma-separated leaf names (default: all linear layers of the blocks)")
-    t.add_argument("--rank-sampling", default="uniform", choices=["uniform", "pow2", "low", "high", "list"])
-    t.add_argument("--rank-list", type=_int_list, default=None, help="ranks for --rank-sampling list, e.g. 1,2,4,8")
-    t.add_argument("--update", default="full", choices=["full", "frozen"])
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--max-grad-norm", type=float, default=0.3)
-    t.add_argument("--max-length", type=int, default=256)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--checkpoint-every", type=int, default=10)
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    add_train_config_flags(t)
     t.add_argument("--out", required=True, help="run folder (new, or existing with --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to progress.jsonl)")
@@ -112,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="measure quality, latency and memory per rank on held-out prompts")
     s.add_argument("--run", help="training run folder to evaluate; not needed with --resume")
-    s.add_argument("--prompts", help="evaluation set (JSONL or CSV); not needed with --resume")
+    s.add_argument("--prompts", nargs="+", help="evaluation set(s) (JSONL or CSV); several files are reported as named sets; "
+                                               "not needed with --resume")
     s.add_argument("--prompt-col", default="prompt")
     s.add_argument("--reference-col", default="reference")
     s.add_argument("--id-col", default="id")
@@ -126,16 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--recommend-metric", default=None,
-                   help="metric the recommendation uses, one of --metrics (default: ref_nll when measured, else the first)")
+                   help="metric the recommendation uses, one of --metrics (default: ref_nll when measured, "
+                        "else the first of rouge_l, fact_recall, similarity that is)")
     s.add_argument("--threshold", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a cancelled sweep, keeping finished ranks")
     s.add_argument("--no-progress", action="store_true")
+    f = sub.add_parser("refine", help="continue training one rank of a finished run on its own, as a new run")
+    f.add_argument("--run", required=True, help="finished run to take the rank from")
+    f.add_argument("--rank", type=int, required=True, help="rank to polish (1..r_max of --run)")
+    f.add_argument("--steps", type=int, required=True, help="optimizer steps of the new run")
+    f.add_argument("--out", required=True, help="new run folder")
+    f.add_argument("--data", default=None, help="training data (default: the run's)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's)")
+    f.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the run's)")
+    f.add_argument("--seed", type=int, default=None, help="seed (default: the run's)")
+    f.add_argument("--no-progress", action="store_true")
+
     r = sub.add_parser("recommend", help="re-decide a finished sweep's rank with another metric or threshold (no re-run)")
     r.add_argument("--sweep", required=True)
     r.add_argument("--metric", default="ref_nll", choices=["ref_nll", "rouge_l", "fact_recall", "similarity"])
     r.add_argument("--threshold", type=float, default=0.95)
+
+    rp = sub.add_parser("report", help="write a sweep's decision report (Markdown with charts, and one HTML file)")
+    rp.add_argument("--sweep", required=True, help="a finished sweep folder")
+    rp.add_argument("--out", required=True, help="folder to write (must be missing or empty)")
+    rp.add_argument("--metric", default=None, choices=["ref_nll", "rouge_l", "fact_recall", "similarity"],
+                    help="the deciding metric (default: the sweep's)")
+    rp.add_argument("--threshold", type=float, default=None, help="share of the best rank's score (default: the sweep's)")
+    rp.add_argument("--rank", type=int, default=None, help="the rank chosen, when not the recommended one")
+
+    pg = sub.add_parser("playground", help="answer questions at several ranks for the dashboard (loads the run once)")
+    pg.add_argument("--run", required=True, help="training run folder")
+    pg.add_argument("--dir", required=True, help="playground folder (request.json in, answers.json out)")
+    pg.add_argument("--idle-exit", type=float, default=900.0, help="exit after this many seconds without a question")
     return parser
 
 
@@ -147,40 +189,44 @@ def _progress_bar(total: int, desc: str, disable: bool):
 
 def cmd_train(args) -> int:
     from core.errors import UserError
-    from core.train import TrainConfig, train
 
     if not args.resume and not args.data:
         raise UserError("--data is required (unless --resume continues an existing run)")
-    fields = dict(
-        out=args.out, prompt_col=args.prompt_col, response_col=args.response_col,
-        model=args.model, quant=args.quant, device=args.device, r_max=args.r_max, alpha=args.alpha,
-        dropout=args.dropout, target_modules=args.target_modules, rank_sampling=args.rank_sampling,
-        rank_list=args.rank_list, update=args.update, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, max_length=args.max_length, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
-    )
     # With --resume the run's saved config wins; data is only a placeholder here.
-    cfg = TrainConfig(data=args.data or "", **fields)
+    cfg = train_config_from_args(args, data=args.data or "", out=args.out)
+    return _run_training(cfg, args.resume, args.no_progress)
+
+
+def _run_training(cfg, resume: bool, no_progress: bool) -> int:
+    from core.train import train
+
     cancel = CancelFlag().install()
     bar = None
 
     def on_event(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
-            bar = _progress_bar(event["total_steps"], "training", args.no_progress)
+            bar = _progress_bar(event["total_steps"], "training", no_progress)
             bar.update(event["step"])
         elif event["event"] == "step" and bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{event['loss']:.3f}", rank=event["rank"], tok_s=f"{event['tokens_per_s']:.0f}")
 
     try:
-        result = train(cfg, resume=args.resume, on_event=on_event, should_stop=cancel)
+        result = train(cfg, resume=resume, on_event=on_event, should_stop=cancel)
     finally:
         if bar is not None:
             bar.close()
     print(f"{result.status}: {result.steps_done}/{result.total_steps} steps, run folder {result.run_dir}", file=sys.stderr)
     return EXIT_CANCELLED if result.status == "cancelled" else EXIT_OK
+
+
+def cmd_refine(args) -> int:
+    from core.refine import refine_config
+
+    cfg = refine_config(args.run, args.rank, args.steps, args.out, data=args.data, lr=args.lr,
+                        batch_size=args.batch_size, seed=args.seed)
+    return _run_training(cfg, False, args.no_progress)
 
 
 def cmd_generate(args) -> int:
@@ -246,8 +292,31 @@ def cmd_recommend(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from core import runstate
+    from core.errors import UserError
+    from core.evaluation.report import report_for_sweep, write_report
+
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if not runstate.folder_is_empty_or_missing(Path(args.out)):
+        raise UserError(f"output folder {args.out} already holds files; choose a new folder")
+    report = report_for_sweep(Path(args.sweep), args.metric, args.threshold, args.rank)
+    for path in write_report(report, Path(args.out)):
+        print(path)
+    print(f"decision report: {'rank ' + str(report.rank) if report.rank is not None else 'no rank'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_playground(args) -> int:
+    from core.playground_worker import run_playground
+
+    run_playground(Path(args.run), Path(args.dir), idle_exit_s=args.idle_exit, should_stop=CancelFlag().install())
+    return EXIT_OK
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "sweep": cmd_sweep,
-            "recommend": cmd_recommend}
+            "recommend": cmd_recommend, "refine": cmd_refine, "report": cmd_report, "playground": cmd_playground}
 
 
 def main(argv: list[str] | None = None) -> int:

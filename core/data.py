@@ -22,7 +22,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -86,6 +86,9 @@ class TrainingData:
         return len(self.examples)
 
 
+EVAL_SET_KEY = "set"  # optional field of an evaluation record: which named part of the evaluation it belongs to
+
+
 @dataclass
 class EvalItem:
     """One evaluation prompt.
@@ -96,6 +99,9 @@ class EvalItem:
     reference: the expected answer (for reference NLL, ROUGE-L and similarity).
     must_include: facts the answer should contain (for fact recall); may be empty.
     where: where it came from, e.g. "line 4" or "row 3 (line 4)".
+    set: the named part of the evaluation it belongs to (the record's `set` field, else
+        its file's name when several files are evaluated together; "" otherwise), so that a
+        sweep can report, e.g., "FAQ recall" and "new wordings" apart.
     """
 
     id: str
@@ -103,6 +109,7 @@ class EvalItem:
     reference: str
     must_include: list[str] = field(default_factory=list)
     where: str | None = None
+    set: str = ""
 
 
 @dataclass
@@ -612,7 +619,9 @@ def _parse_eval(name: str, raw: bytes, prompt_col: str, reference_col: str, id_c
             raise _error(name, rec, f"duplicate id '{item_id}': {other.where} has the same id{note}")
         first_seen[item_id] = (rec, auto)
         must = _must_include(name, rec, obj, must_include_col, csv_like, warnings)
-        items.append(EvalItem(item_id, prompt, reference, must, where=rec.where))
+        group = obj.get(EVAL_SET_KEY)
+        items.append(EvalItem(item_id, prompt, reference, must, where=rec.where,
+                              set=group.strip() if isinstance(group, str) else ""))
     if not items:
         raise DataError(name, f"no evaluation items found{_skipped_note(skipped)}")
     fmt = _content_format(fmt, text)
@@ -636,6 +645,25 @@ def load_eval_set(
     (naming both rows).
     """
     return _parse_eval(str(path), _read_bytes(path), prompt_col, reference_col, id_col, must_include_col)
+
+
+def load_eval_sets(paths, **columns) -> EvalSet:
+    """One or several evaluation files as one set; items of a file that names no `set` are
+    labelled with the file's name (without extension). Ids must be unique across files."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if len(paths) == 1:
+        return load_eval_set(paths[0], **columns)
+    items, skipped, warnings, seen = [], [], [], {}
+    for path in paths:
+        part = load_eval_set(path, **columns)
+        for item in part.items:
+            if item.id in seen:
+                raise DataError(path, f"duplicate id '{item.id}': {seen[item.id]} has the same id (ids must be unique across the files)")
+            seen[item.id] = f"{path}, {item.where}"
+            items.append(item if item.set else replace(item, set=Path(path).stem))
+        skipped += [dict(s, file=str(path)) for s in part.skipped]
+        warnings += [f"{Path(path).name}: {w}" for w in part.warnings]
+    return EvalSet(items, ", ".join(map(str, paths)), skipped, warnings, "mixed")
 
 
 # ------------------------------------------------------------------ UI helpers

@@ -1,7 +1,8 @@
 """Rank b of a run → a standard PEFT LoRA folder, a rank card, optionally merged weights.
 
-PEFT scales a LoRA adapter by lora_alpha / r. Writing r = b and lora_alpha = alpha gives
-alpha / b: exactly the scale the run trained rank b with, so no weight is rescaled.
+PEFT scales a LoRA adapter by lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+`peft_scale_fields` picks the pair that gives exactly the scale the run uses at rank b
+under its scale rule, so no weight is rescaled.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import torch
 from core import proc, runstate
 from core.config_io import ConfigDict
 from core.errors import RunError, UserError
-from core.fileio import fsync_tree
+from core.fileio import fsync_tree, read_json_object
 from core.evaluation.summary import SUMMARY_FILE, read_summary
 from core.models import compute_dtype_for, dtype_from_name, pick_device
-from core.qdylora import lora_scale
+from core.qdylora.config import QDyLoRAConfig, peft_scale_fields
 from core.qdylora.inject import ADAPTER_FILE
 from core.preflight import check_output_folder, make_output_folder
+from core.qdylora.truncation import inference_adapter_state, inference_config
+from core.rank_card import base_model_sources, load_snippet, rank_card_markdown
 from core.runs import check_rank, run_info
 from core.train import ADAPTER_DIR
 
@@ -41,7 +44,7 @@ class ExportConfig(ConfigDict):
     run: str = field(metadata={"help": "Run folder to export from."})
     rank: int = field(metadata={"help": "Rank b to export (1..r_max)."})
     out: str = field(metadata={"help": "Export folder to create (must be missing or empty)."})
-    merge: bool = field(default=False, metadata={"help": "Also write merged weights W0 + (alpha/b) B A into a 16/32-bit base copy."})
+    merge: bool = field(default=False, metadata={"help": "Also write merged weights W0 + s(b) B A into a 16/32-bit base copy."})
     merge_dtype: str = field(default="auto", metadata={"help": "Merged weights dtype: auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
     sweep: str | None = field(default=None, metadata={"help": "Sweep folder whose measured numbers for this rank go into the rank card."})
 
@@ -60,11 +63,13 @@ def peft_state_dict(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, to
     return out
 
 
-def peft_adapter_config(rank: int, alpha: float, dropout: float, target_modules: list[str], base_path: str) -> dict:
+def peft_adapter_config(rank: int, qcfg: QDyLoRAConfig, target_modules: list[str], base_path: str) -> dict:
+    """PEFT's adapter_config.json for rank b; qcfg is the adapter as used (see truncation.inference_config)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(target_modules),
-        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "r": rank, **peft_scale_fields(qcfg.alpha, rank, qcfg.scale, qcfg.r_max),
+        "lora_dropout": qcfg.dropout, "target_modules": sorted(target_modules),
+        "bias": "none", "use_dora": False, "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
@@ -79,38 +84,11 @@ def sweep_numbers(sweep_dir: str | Path | None, rank: int) -> dict | None:
         raise UserError(f"sweep {sweep_dir} did not measure rank {rank} (it has {measured})")
     with open(Path(sweep_dir) / SUMMARY_FILE, newline="", encoding="utf-8") as fh:
         rows = {int(float(r["rank"])): r for r in csv.DictReader(fh)}
-    return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir)}
-
-
-def rank_card_markdown(card: dict) -> str:
-    lines = [
-        f"# Rank card: {card['run_id']} at rank {card['rank']}", "",
-        f"- Base model: {card['base_model']['name']} ({card['base_model']['path']})",
-        f"- Trained with quantization: {card['base_model']['quant']}, compute dtype {card['base_model']['compute_dtype']}",
-        f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale alpha/b = {card['scale']:.4g}",
-        f"- Trainable parameters at this rank: {card['adapter_params']:,}",
-        "- Files: " + ", ".join(f"{name} {size / 2**20:.2f} MB" for name, size in card["file_sizes"].items()),
-    ]
-    measured = card.get("measured")
-    if measured:
-        lines += ["", "## Measured on the evaluation prompts", "", "| metric | this rank | base model |", "|---|---|---|"]
-        base = measured.get("base") or {}
-        for key, value in measured["rank"].items():
-            if key == "rank" or value in ("", None):
-                continue
-            lines.append(f"| {key} | {value} | {base.get(key, '')} |")
-    lines += ["", "## Load it", "", "```python", card["snippet"], "```", ""]
-    return "\n".join(lines)
-
-
-def load_snippet(export_dir: Path, base_path: str) -> str:
-    return (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "from peft import PeftModel\n\n"
-        f"base = AutoModelForCausalLM.from_pretrained({base_path!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({base_path!r})\n"
-        f"model = PeftModel.from_pretrained(base, {str(export_dir)!r})"
-    )
+    meta = read_json_object(Path(sweep_dir) / "sweep.json") or {}
+    rec = meta.get("recommendation") if isinstance(meta.get("recommendation"), dict) else {}
+    run_meta = meta.get("run_meta") if isinstance(meta.get("run_meta"), dict) else {}
+    return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir), "recommendation": rec or None,
+            "sweep_meta": {"n_prompts": rec.get("n_prompts"), "model": run_meta.get("model")}}
 
 
 def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
@@ -137,10 +115,12 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
     except (SafetensorError, OSError) as exc:
         raise RunError(f"the adapter of run {run_dir} cannot be read ({exc}); resume the run to save it again") from None
 
+    trained = QDyLoRAConfig.from_dict(config["qdylora"])
+    qcfg = inference_config(trained)
+    adapter = inference_adapter_state(adapter, trained)
     _remove_stale_attempts(out, incomplete)
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
     leaf_names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    alpha = config["qdylora"]["alpha"]
     base_path = config["model"]["path"]
     tmp = out.with_name(out.name + f"{TMP_INFIX}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +128,7 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
     try:
         report("writing PEFT adapter")
         save_file(peft_state_dict(adapter, cfg.rank), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        adapter_cfg = peft_adapter_config(cfg.rank, alpha, config["qdylora"]["dropout"], leaf_names, base_path)
+        adapter_cfg = peft_adapter_config(cfg.rank, qcfg, leaf_names, base_path)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
         if cfg.merge:
             report("merging rank into the base weights")
@@ -158,12 +138,14 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         }
         card = {
             "run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "rank": cfg.rank, "r_max": r_max,
-            "alpha": alpha, "scale": lora_scale(alpha, cfg.rank),
+            "alpha": qcfg.alpha, "scale_rule": qcfg.scale, "scale": qcfg.scale_at(cfg.rank), "method": qcfg.method,
             "base_model": config["model"], "trained_steps": (info["status"] or {}).get("step"),
             "adapter_params": sum(cfg.rank * (adapter[f"{m}.lora_A"].shape[1] + adapter[f"{m}.lora_B"].shape[0]) for m in modules),
             "target_modules": leaf_names, "adapted_layers": len(modules), "merged": cfg.merge,
             "file_sizes": file_sizes, "measured": measured, "created_at": time.time(),
-            "snippet": load_snippet(out.resolve(), base_path),
+            "base_hub_id": base_model_sources(config["model"], config["train"].get("model"))[0],
+            "snippet": load_snippet(out.name, base_model_sources(config["model"], config["train"].get("model"))[0],
+                                    base_path, nf4=config["model"].get("quant") == "nf4"),
         }
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
         (tmp / "rank_card.md").write_text(rank_card_markdown(card))
@@ -210,7 +192,7 @@ def _remove_stale_attempts(out: Path, incomplete: list[Path]) -> None:
 
 
 def write_merged(run_dir: Path, rank: int, merge_dtype: str, folder: Path) -> None:
-    """W' = W0 + (alpha/b) B[:, :b] A[:b] in a 16/32-bit copy of the base.
+    """W' = W0 + s(b) B[:, :b] A[:b] in a 16/32-bit copy of the base.
 
     W0 is the weight the run trained against: for an NF4 run that is the dequantized NF4
     weight, not the original float weight (merging into 4-bit would round the update away).

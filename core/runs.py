@@ -6,13 +6,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from core import runstate
 from core.errors import RunError, UserError
 from core.models import ModelSpec, ResolvedModel, load_base_model
 from core.prompting import prompt_messages, render_prompt
-from core.qdylora import QDyLoRAConfig, inject_qdylora, load_adapter, set_rank
-from core.qdylora.inject import ADAPTER_FILE
+from core.qdylora import QDyLoRAConfig, inject_qdylora, set_rank
+from core.qdylora.inject import ADAPTER_FILE, load_adapter_state_dict
+from core.qdylora.truncation import inference_adapter_state, inference_config
 from core.train import ADAPTER_DIR, load_run_config
 from core.validation import check_generation
 
@@ -24,7 +26,7 @@ class LoadedRun:
     tokenizer: object
     resolved: ResolvedModel
     config: dict  # the run's config.json
-    qcfg: QDyLoRAConfig
+    qcfg: QDyLoRAConfig  # as the adapter is used (an svd run's rows are singular directions, scale constant)
 
     @property
     def r_max(self) -> int:
@@ -58,12 +60,13 @@ def load_run(run_dir: Path, quant: str | None = None, device: str = "auto") -> L
         status = (info["status"] or {}).get("status", "unknown")
         raise RunError(f"run {run_dir} has no saved adapter yet (status: {status})")
     config = info["config"]
-    qcfg = QDyLoRAConfig.from_dict(config["qdylora"])
+    trained = QDyLoRAConfig.from_dict(config["qdylora"])
+    qcfg = inference_config(trained)
     spec = ModelSpec(name_or_path=config["train"]["model"], quant=quant or config["model"]["quant"], device=device)
     model, tokenizer, resolved = load_base_model(spec)
     inject_qdylora(model, qcfg)
     try:
-        load_adapter(model, run_dir / ADAPTER_DIR)
+        load_adapter_state_dict(model, inference_adapter_state(load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE)), trained))
     except (SafetensorError, ValueError, OSError) as exc:
         raise RunError(f"the adapter of run {run_dir} cannot be used ({exc}); resume the run to save it again") from None
     model.eval()

@@ -12,7 +12,7 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +24,12 @@ from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
 from core.models import ResolvedModel, load_base_model, resolve_model
 from core.preflight import check_output_folder, check_target_modules, make_output_folder
 from core.prompting import EncodedExample, collate, encode_example
-from core.qdylora import QDyLoRAConfig, RankSampler, inject_qdylora, save_adapter, set_rank
-from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_parameters, load_adapter_state_dict, adapter_state_dict
-from core.train_config import TrainConfig
+from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
+from core.qdylora.inject import (
+    UntrainedRowGuard, adapter_param_count, adapter_parameters, adapter_state_dict, load_adapter_state_dict, set_example_ranks,
+)
+from core.train_config import CONFIG_FILE, TrainConfig, load_run_config  # noqa: F401 (re-exported)
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
 log = logging.getLogger("rank_studio.train")
@@ -73,6 +74,14 @@ class BatchOrder:
     def indices(self, micro_batch: int) -> list[int]:
         start = micro_batch * self.batch_size
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over the tokens the loss is on (the response), as in in-place distillation."""
+    mask = labels[:, 1:] != -100
+    student = torch.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def encode_dataset(tokenizer, examples, max_length: int) -> tuple[list[EncodedExample], dict]:
@@ -206,30 +215,6 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, sampler) -> dict
     return meta
 
 
-def load_run_config(run_dir: Path) -> dict:
-    """The run's config.json, checked through: RunError unless every part that using or
-    resuming the run reads (train, qdylora, model) is there with the right types."""
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        data = read_json(path, "run config")
-    except FileNotFoundError:
-        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})") from None
-    except DamagedFile as exc:
-        raise RunError(f"{exc}; the run cannot be used") from None
-    if not isinstance(data, dict) or "train" not in data or "qdylora" not in data:
-        hint = " (it belongs to a sweep)" if isinstance(data, dict) and "config" in data else ""
-        raise RunError(f"{path} is not a training run config{hint}")
-    try:
-        TrainConfig.from_dict(data["train"])
-        QDyLoRAConfig.from_dict(data["qdylora"])
-        model = data.get("model")
-        if not isinstance(model, dict) or any(not isinstance(model.get(f.name), str) for f in fields(ResolvedModel)):
-            raise ValueError(f"'model' must name {', '.join(f.name for f in fields(ResolvedModel))} as texts")
-    except (UserError, ValueError) as exc:
-        raise RunError(f"{path} is damaged: {str(exc).removeprefix('invalid training config: ')}") from None
-    return data
-
-
 class Trainer:
     """A recipe: `setup` (validate, load, inject), `train` (the loop), `finish` (save)."""
 
@@ -272,6 +257,11 @@ class Trainer:
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         planned = resolve_model(self.cfg.model_spec())  # an unknown model must fail before a run folder exists
         check_target_modules(planned.path, self.cfg.target_modules)
+        warm_start = bool(self.cfg.init_from) and not self.resume
+        if warm_start:
+            from core.refine import check_warm_start
+
+            check_warm_start(self.cfg)  # a bad parent run must fail before a run folder exists
         make_output_folder(self.run_dir)
         self._owns_folder = True
         if not self.resume:
@@ -283,6 +273,10 @@ class Trainer:
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
         self.qcfg = self.cfg.qdylora_config()
         self.adapted = inject_qdylora(self.model, self.qcfg)
+        if warm_start:
+            from core.refine import warm_start_state
+
+            load_adapter_state_dict(self.model, warm_start_state(self.cfg.init_from, self.cfg.init_rank, self.qcfg))
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -326,21 +320,50 @@ class Trainer:
         device = self.resolved.device
         return {key: value.to(device) for key, value in batch.items()}
 
-    def train_step(self, rank: int) -> tuple[float, int]:
-        """One optimizer step at active rank `rank`; returns (mean loss, tokens seen)."""
-        set_rank(self.model, rank)
+    def step_ranks(self, sampled: list[int]) -> list[list[int]]:
+        """Per micro-batch, the rank of each of its examples: the step's examples split into len(sampled) groups."""
+        bs, accum, k = self.cfg.batch_size, self.cfg.grad_accum, len(sampled)
+        n = bs * accum
+        return [[sampled[(m * bs + i) * k // n] for i in range(bs)] for m in range(accum)]
+
+    def _set_ranks(self, ranks: list[int]) -> None:
+        if len(set(ranks)) == 1:
+            set_rank(self.model, ranks[0])
+        else:
+            set_example_ranks(self.model, ranks)
+
+    def train_step(self, rank: int | list[int]) -> tuple[float, int]:
+        """One optimizer step at the sampled rank(s) (plus the sandwich ranks); returns (mean loss at the sampled ranks, tokens)."""
+        sampled = [rank] if isinstance(rank, int) else list(rank)
+        extra = {"none": [], "max": [self.qcfg.r_max], "min_max": [self.qcfg.r_max, 1]}[self.qcfg.extra_ranks]
+        passes = 1 + len(extra)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, tokens = 0.0, 0
-        for micro in range(self.cfg.grad_accum):
+        for micro, micro_ranks in enumerate(self.step_ranks(sampled)):
             batch = self._micro_batch(self.step * self.cfg.grad_accum + micro)
-            loss = self.model(**batch).loss / self.cfg.grad_accum
-            loss.backward()
-            total_loss += loss.item()
+            teacher = None
+            for i, extra_rank in enumerate(extra):
+                set_rank(self.model, extra_rank)
+                out = self.model(**batch)
+                (out.loss / (self.cfg.grad_accum * passes)).backward()
+                if i == 0 and self.qcfg.distill > 0:
+                    teacher = out.logits.detach()
+                del out
+            self._set_ranks(micro_ranks)
+            out = self.model(**batch)
+            loss = out.loss
+            if teacher is not None:
+                w = self.qcfg.distill
+                loss = (1 - w) * loss + w * distillation_loss(out.logits, teacher, batch["labels"])
+            (loss / (self.cfg.grad_accum * passes)).backward()
+            total_loss += out.loss.item() / self.cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
+            del out, teacher
+        set_rank(self.model, max(sampled + extra))
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        guard = UntrainedRowGuard(self.model, rank, self.qcfg.update)
+        guard = UntrainedRowGuard(self.model, max(sampled + extra), self.qcfg.update)
         self.optimizer.step()
         guard.restore()
         self.scheduler.step()
@@ -362,23 +385,24 @@ class Trainer:
                 status = "cancelled"
                 break
             t0 = time.time()
-            rank = self.sampler.sample()
-            loss, tokens = self.train_step(rank)
+            ranks = self.sampler.sample_step(self.qcfg.ranks_per_step)
+            loss, tokens = self.train_step(ranks)
             if not math.isfinite(loss):
                 self._diverged(f"the loss became {loss} at step {self.step + 1}")
             self.step += 1
-            self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
+            for rank in ranks:
+                self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
             self.losses.append(loss)
             elapsed = time.time() - started
             per_step = elapsed / (self.step - first_step)
             event = {
-                "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": rank,
+                "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": max(ranks), "ranks": ranks,
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
                 "elapsed_s": elapsed, "eta_s": per_step * (cfg.steps - self.step),
                 "mem_mb": runstate.memory_mb(self.resolved.device),
             }
             self._emit(event)
-            log.info("step %d/%d loss %.4f rank %d", self.step, cfg.steps, loss, rank)
+            log.info("step %d/%d loss %.4f rank %s", self.step, cfg.steps, loss, ",".join(map(str, ranks)))
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
             runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training", loss=loss)

@@ -25,6 +25,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import MISSING, dataclass, field, fields
+from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +34,7 @@ from core import data as D
 from core import runstate
 from core.config_io import value_fits
 from core.errors import DataError, UserError
-from core.evaluation.summary import SUMMARY_FILE, read_summary
+from core.evaluation.summary import PER_PROMPT_FILE, SUMMARY_FILE, read_per_prompt, read_summary
 from core.fileio import DamagedFile, read_json, read_json_object
 from core.jobs import sanitize_name
 
@@ -41,7 +42,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = PROJECT_ROOT / "sample_data"
 SAMPLE_DATASET = "sample-quillhaven"
 SAMPLE_TRAIN_FILES = ("train.jsonl", "train_chat.jsonl", "train.csv")
-SAMPLE_EVAL_FILES = ("eval.jsonl", "eval.csv")
+SAMPLE_EVAL_FILES = ("eval.jsonl", "eval.csv", "eval_reworded.jsonl", "eval_reworded.csv")
+SAMPLE_EVAL_SETS = ("eval.jsonl", "eval_reworded.jsonl")     # what the sample dataset evaluates on
 DATASETS_DIR = "datasets"
 MAX_UPLOAD_ENV = "RANK_STUDIO_MAX_UPLOAD_MB"
 EXTRA_MODELS_ENV = "RANK_STUDIO_EXTRA_MODELS"
@@ -266,7 +268,17 @@ def _example_row(ex: D.Example) -> dict:
 
 
 def _eval_row(item: D.EvalItem) -> dict:
-    return {"id": item.id, "prompt": item.prompt, "reference": item.reference, "must_include": item.must_include}
+    row = {"id": item.id, "prompt": item.prompt, "reference": item.reference, "must_include": item.must_include}
+    return row | ({D.EVAL_SET_KEY: item.set} if item.set else {})
+
+
+def sample_eval_jsonl() -> bytes:
+    """The sample's two evaluation sets ("FAQ recall": references copied from training answers;
+    "new wordings": the same facts in words never trained on) interleaved in one file, so a
+    sweep reports both and any first-N prompts hold both."""
+    sets = [D.load_eval_set(SAMPLE_DIR / name).items for name in SAMPLE_EVAL_SETS]
+    mixed = [it for group in zip_longest(*sets) for it in group if it is not None]
+    return _jsonl(_eval_row(it) for it in mixed).encode("utf-8")
 
 
 def _jsonl(rows) -> str:
@@ -355,7 +367,7 @@ def create_dataset(
 
 
 def ensure_sample_dataset(workspace: Path) -> DatasetInfo:
-    """The bundled sample (sample_data/train.jsonl + eval.jsonl) as a dataset, made once."""
+    """The bundled sample (sample_data/train.jsonl, both evaluation sets) as a dataset, made once."""
     existing = get_dataset(workspace, SAMPLE_DATASET)
     if existing is not None:
         return existing
@@ -364,7 +376,7 @@ def ensure_sample_dataset(workspace: Path) -> DatasetInfo:
         shutil.rmtree(folder, ignore_errors=True)   # our own sample, damaged: made again
     info = create_dataset(
         workspace, SAMPLE_DATASET, (SAMPLE_DIR / "train.jsonl").read_bytes(), "train.jsonl",
-        eval_raw=(SAMPLE_DIR / "eval.jsonl").read_bytes(), eval_filename="eval.jsonl", sample=True,
+        eval_raw=sample_eval_jsonl(), eval_filename="eval.jsonl", sample=True,
     )
     if info.id != SAMPLE_DATASET:           # another process made it at the same moment
         shutil.rmtree(info.folder, ignore_errors=True)
@@ -413,13 +425,24 @@ def preview_table(rows: list[dict]) -> pd.DataFrame:
 
 TRAIN_LIMITS = {
     "r_max": (1, 256), "alpha": (0.01, 1024.0), "steps": (1, 100_000), "batch_size": (1, 256),
-    "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256),
+    "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256), "ranks_per_step": (1, 256),
 }
+METHOD_LABELS = {"qdylora": "QDyLoRA: one run trains every rank",
+                 "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
+SCALE_LABELS = {"alpha/b": "α / b (DyLoRA, plain LoRA)", "alpha/sqrt(b)": "α / √b (rsLoRA)",
+                "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+def _recipe_defaults() -> dict:
+    """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
+    from core.train_config import TrainConfig
+
+    d = TrainConfig(data="unused", out="unused")
+    return dict(method=d.method, scale=d.scale, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
+                alpha=d.alpha, lr=d.lr, update=d.update)
+
+
 PRESETS = {
-    "Quick demo (CPU, ~5 min)": dict(quant="nf4", r_max=16, alpha=16.0, rank_sampling="uniform", update="full",
-                                     steps=40, batch_size=4, lr=3e-4, max_length=256),
-    "Standard": dict(quant="nf4", r_max=64, alpha=16.0, rank_sampling="uniform", update="full",
-                     steps=300, batch_size=4, lr=2e-4, max_length=512),
+    "Quick demo (CPU, ~5 min)": dict(quant="nf4", r_max=16, steps=40, batch_size=4, max_length=256, **_recipe_defaults()),
+    "Standard": dict(quant="nf4", r_max=64, steps=300, batch_size=4, max_length=512, **_recipe_defaults()),
 }
 
 
@@ -449,6 +472,9 @@ class TrainForm:
     max_length: int = 256
     grad_accum: int = 1
     seed: int = 42
+    method: str = "qdylora"
+    scale: str = "alpha/b"
+    ranks_per_step: int = 1
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -479,7 +505,8 @@ def train_problems(form: TrainForm) -> list[str]:
         TrainConfig(data="unused", out="unused", model="default", quant=form.quant, r_max=form.r_max,
                     alpha=form.alpha, rank_sampling=form.rank_sampling, rank_list=ranks, update=form.update,
                     steps=form.steps, batch_size=form.batch_size, grad_accum=form.grad_accum, lr=form.lr,
-                    max_length=form.max_length, seed=form.seed)
+                    max_length=form.max_length, seed=form.seed, method=form.method, scale=form.scale,
+                    ranks_per_step=form.ranks_per_step)
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
@@ -496,10 +523,39 @@ def train_args(form: TrainForm) -> list[str]:
             "--r-max", form.r_max, "--alpha", form.alpha, "--rank-sampling", form.rank_sampling,
             "--update", form.update, "--steps", form.steps, "--batch-size", form.batch_size,
             "--grad-accum", form.grad_accum, "--lr", form.lr, "--max-length", form.max_length,
-            "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress"]
+            "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress",
+            "--method", form.method, "--scale", form.scale, "--ranks-per-step", form.ranks_per_step]
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
     return [str(a) for a in args]
+
+
+def refine_problems(rank, steps, lr, r_max: int | None) -> list[str]:
+    """Why the Export page's polish form cannot be launched ([] = fine); lr None = the run's."""
+    problems = []
+    if not _whole_number_in(rank, 1, r_max):
+        problems.append(f"The rank to polish must be a whole number from 1 to {r_max or 'r_max'} (got {rank}).")
+    lo, hi = TRAIN_LIMITS["steps"]
+    if not _whole_number_in(steps, lo, hi):
+        problems.append(f"Extra steps must be a whole number from {lo} to {hi:,} (got {steps}).")
+    lo, hi = TRAIN_LIMITS["lr"]
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lo <= lr <= hi):
+        problems.append(f"The learning rate must be between {lo:g} and {hi:g} (got {lr}).")
+    return problems
+
+
+def refine_args(run_dir: Path, rank: int, steps: int, lr: float | None = None, r_max: int | None = None) -> list[str]:
+    """CLI arguments of `python -m core train` (without --out) that polish rank b of a finished run
+    as a new run (the parent's recipe at r_max = b, warm-started; see core.refine)."""
+    from core.refine import check_warm_start, refine_config
+
+    problems = refine_problems(rank, steps, lr, r_max)
+    if problems:
+        raise UserError(" ".join(problems))
+    cfg = refine_config(Path(run_dir).resolve(), rank, steps, out="unused", lr=lr,
+                        checkpoint_every=max(1, min(10, steps // 4 or 1)))
+    check_warm_start(cfg)
+    return [*cfg.cli_args(), "--no-progress"]
 
 
 def default_sweep_ranks(r_max: int) -> list[int]:
@@ -556,15 +612,20 @@ def sweep_problems(ranks: list[int], metrics: list[str], max_prompts, max_new_to
 
 
 def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: int | None, max_new_tokens: int,
-               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str = "ref_nll") -> list[str]:
-    """CLI arguments of `python -m core sweep` (without --out)."""
+               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str | None = None) -> list[str]:
+    """CLI arguments of `python -m core sweep` (without --out); the recommendation uses
+    `recommend_metric` when it is measured, else the default among `metrics`."""
+    from core.evaluation.recommend import default_metric
+
     problems = sweep_problems(ranks, metrics, max_prompts, max_new_tokens)
     if problems:
         raise UserError(" ".join(problems))
+    if recommend_metric not in metrics:
+        recommend_metric = default_metric(metrics)[0] or metrics[0]
     args = ["--run", str(Path(run_dir).resolve()), "--prompts", str(Path(prompts).resolve()),
             "--ranks", ",".join(map(str, ranks)), "--max-new-tokens", str(max_new_tokens),
             "--metrics", ",".join(metrics), "--latency", "on" if latency else "off",
-            "--recommend-metric", recommend_metric if recommend_metric in metrics else metrics[0],
+            "--recommend-metric", recommend_metric,
             "--threshold", str(threshold), "--no-progress"]
     if max_prompts:
         args += ["--max-prompts", str(int(max_prompts))]
@@ -675,7 +736,9 @@ class SweepView:
     summary: pd.DataFrame | None
     per_prompt: pd.DataFrame | None
     meta: dict | None                # sweep.json
-    summary_problem: str | None = None  # why summary.csv could not be read (then summary is None)
+    sweep_dir: Path | None = None
+    by_set: pd.DataFrame | None = None  # summary_by_set.csv: quality per (named evaluation set, rank)
+    summary_problem: str | None = None  # why summary.csv or per_prompt.csv could not be read (then summary is None)
 
     @property
     def fraction(self) -> float:
@@ -708,6 +771,20 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         return None
 
 
+SWEEP_RESULT_FILES = ("summary.csv", "per_prompt.csv", "summary_by_set.csv", "sweep.json")
+
+
+def sweep_stamp(sweep_dir: Path) -> float:
+    """Changes whenever any of a sweep's result files changes (a cache key for pages)."""
+    stamps = []
+    for name in SWEEP_RESULT_FILES:
+        try:
+            stamps.append((Path(sweep_dir) / name).stat().st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return float(hash(tuple(stamps)))
+
+
 def read_sweep(sweep_dir: Path) -> SweepView:
     sweep_dir = Path(sweep_dir)
     events = runstate.read_events(sweep_dir)
@@ -732,37 +809,85 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     meta = read_json_object(sweep_dir / "sweep.json")
     if meta and meta.get("ranks_done"):
         ranks_done = [int(r) for r in meta["ranks_done"]]
-    summary, problem = None, None
+    summary, per_prompt, problem = None, None, None
     if (sweep_dir / SUMMARY_FILE).is_file():
         try:
             summary = read_summary(sweep_dir)
+            if (sweep_dir / PER_PROMPT_FILE).is_file():
+                read_per_prompt(sweep_dir)              # checked through; the table keeps pandas' own types
+                per_prompt = _read_csv(sweep_dir / PER_PROMPT_FILE)
         except UserError as exc:
-            problem = str(exc)
+            summary, problem = None, str(exc)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, problem)
+                     summary, per_prompt, meta, sweep_dir, _read_csv(sweep_dir / "summary_by_set.csv"), problem)
+
+
+def eval_fact_count(info: DatasetInfo) -> int:
+    """How many of the dataset's evaluation prompts list must-include facts."""
+    n = 0
+    with open(info.eval_path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (ValueError, RecursionError):
+                continue                # a damaged line counts as none (the sweep reports it)
+            if isinstance(record, dict) and record.get("must_include"):
+                n += 1
+    return n
+
+
+def missing_metric_reasons(view: SweepView) -> dict[str, str]:
+    """Metrics the sweep was asked for but has no values for, and why (for people)."""
+    from core.evaluation.recommend import METRICS
+
+    asked = (view.config or {}).get("metrics") or []
+    have = set(view.metrics)
+    notes = " ".join((view.meta or {}).get("notes") or [])
+    out = {}
+    for m in asked:
+        if m in have or m not in METRICS:
+            continue
+        if m == "fact_recall":
+            out[m] = "the evaluation set has no must-include facts (a must_include column), so there was nothing to check"
+        elif m == "similarity" and "similarity skipped" in notes:
+            out[m] = notes[notes.index("similarity skipped"):].split(";")[0]
+        else:
+            out[m] = "the sweep recorded no values for it"
+    return out
+
+
+def sweep_facts(view: SweepView) -> dict[str, list[str]]:
+    """Prompt id → must-include facts: from per_prompt.csv, or (sweeps made before it kept
+    them) from the evaluation set the sweep read."""
+    from core.evaluation.tables import facts_by_prompt
+
+    facts = facts_by_prompt(view.per_prompt)
+    if facts or view.per_prompt is None or "must_include" in view.per_prompt.columns:
+        return facts
+    cfg = view.config or {}
+    try:
+        items = D.load_eval_set(cfg["prompts"], prompt_col=cfg.get("prompt_col", "prompt"),
+                                reference_col=cfg.get("reference_col", "reference"), id_col=cfg.get("id_col", "id"),
+                                must_include_col=cfg.get("must_include_col", "must_include")).items
+    except (KeyError, OSError, DataError, UserError):
+        return {}
+    return {str(it.id): list(it.must_include) for it in items if it.must_include}
 
 
 # ------------------------------------------------------------------ comparing ranks
-
-
-def metric_bar(top: float, threshold: float, higher_is_better: bool) -> float:
-    """The value a rank must reach, relative to `top` (the rule of core.evaluation.recommend)."""
-    if higher_is_better:
-        return top - (1 - threshold) * abs(top)
-    return top - math.log(threshold)
 
 
 def prompt_degradation(per_prompt: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
     """Which prompts degrade first as the rank drops.
 
     For each prompt, its value at the highest measured rank is its own reference; a
-    lower rank "fails" the prompt when it misses the bar of `recommend_rank` relative to
-    that reference. `degrades_below` is the highest rank at which the prompt already
+    lower rank "fails" the prompt when it is worse than that reference by more than the
+    tolerance of `recommend_rank` (core.evaluation.recommend.tolerance). `degrades_below` is the highest rank at which the prompt already
     fails (the higher, the earlier it degrades); NaN when no rank > 0 fails it.
     `drop` is how much worse the lowest adapter rank is than the top rank (positive =
     worse). Sorted so the prompts that degrade first come first.
     """
-    from core.evaluation.recommend import METRICS
+    from core.evaluation.recommend import METRICS, tolerance
 
     spec = METRICS[metric]
     cols = ["id", "prompt", "top_rank", "top_value", "lowest_rank", "lowest_value", "base_value", "degrades_below", "drop"]
@@ -777,7 +902,8 @@ def prompt_degradation(per_prompt: pd.DataFrame, metric: str, threshold: float) 
         if adapters.empty:
             continue
         top = adapters.iloc[-1]
-        bar = metric_bar(float(top[metric]), threshold, spec.higher_is_better)
+        margin = tolerance(metric, threshold, float(top[metric]))
+        bar = float(top[metric]) - margin if spec.higher_is_better else float(top[metric]) + margin
         failing = None
         for _, row in adapters.iloc[:-1][::-1].iterrows():
             v = float(row[metric])

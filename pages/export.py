@@ -1,14 +1,34 @@
 """Export: one rank of a run → PEFT adapter (+ merged model) and a rank card; zip download."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
+from core.evaluation.recommend import METRICS
+from core.rank_card import rank_card_markdown
 
 st.title("Export a rank")
 store = ui.store()
+
+
+@st.cache_data(show_spinner="Writing the decision report…", max_entries=8)
+def decision_report(sweep_dir: str, stamp: float, rank: int) -> tuple[str, bytes]:
+    from core.evaluation.report import report_for_sweep
+
+    built = report_for_sweep(sweep_dir, rank=rank)
+    return built.html, built.markdown_zip(f"decision-report-rank{rank}")
+
+
+def card_body(card: dict) -> str:
+    """The rank card without its loading snippet (the page shows that once, above)."""
+    try:
+        return rank_card_markdown({k: v for k, v in card.items() if not k.startswith("_")}, with_snippet=False)
+    except (KeyError, TypeError, ValueError):           # a card from an older export
+        return card["_markdown"].split("## Load it")[0]
 
 
 def finished_export(job) -> None:
@@ -29,12 +49,23 @@ def finished_export(job) -> None:
             f"Download with the merged model ({size / 2**20:.0f} MB, .zip)", lambda: wd.zip_folder(job.out_dir),
             file_name=f"{job.out_dir.name}-merged.zip", mime="application/zip", icon=":material/download:",
             key=f"zip-merged-{job.id}", on_click="ignore")
-    st.markdown("**Load it with PEFT**")
+    sweep_dir = (card.get("measured") or {}).get("sweep")
+    if sweep_dir and (Path(sweep_dir) / "summary.csv").is_file():
+        stamp = wd.sweep_stamp(sweep_dir)
+        c = st.container(horizontal=True)
+        c.download_button("Decision report (HTML)", lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[0],
+                          f"{job.out_dir.name}-decision-report.html", "text/html",
+                          icon=":material/description:", key=f"report-html-{job.id}", on_click="ignore")
+        c.download_button("Decision report (Markdown + charts, .zip)",
+                          lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[1],
+                             f"{job.out_dir.name}-decision-report.zip", "application/zip",
+                             icon=":material/folder_zip:", key=f"report-md-{job.id}", on_click="ignore")
+    st.markdown("**Load it with PEFT** (on any machine: the base model comes from the hub where it has a hub id)")
     st.code(card.get("snippet", ""), language="python")
     st.caption(f"Folder: `{job.out_dir}`")
     tab_md, tab_json = st.tabs(["Rank card", "rank_card.json"])
     with tab_md:
-        st.markdown(card["_markdown"])
+        st.markdown(card_body(card))
     with tab_json:
         st.json({k: v for k, v in card.items() if not k.startswith("_")}, expanded=False)
 
@@ -79,8 +110,9 @@ default = wanted if wanted and 1 <= wanted <= r_max else (rec or {}).get("rank")
 rank = ui.number_field(st, "Rank to export", int(default), (1, r_max), key=f"ex-rank-{run.id}-{default}", step=1)
 problems = wd.export_problems(rank, r_max)
 if rec and rec.get("rank"):
-    st.caption(f"Recommended by the sweep: rank **{rec['rank']}** ({rec.get('metric')}, threshold "
-               f"{rec.get('threshold')}).")
+    label = METRICS[rec["metric"]].label.lower() if rec.get("metric") in METRICS else rec.get("metric")
+    st.caption(f"Recommended by the sweep: rank **{rec['rank']}** — {rec.get('headline', '')} (on {label}, within "
+               f"{round(100 * (1 - float(rec.get('threshold') or 0.95)))} % of the best rank).")
 merge = st.checkbox("Also write a merged model (the adapter folded into a full-precision copy of the base)",
                     key="ex-merge", help="Runs without PEFT, but is as large as the base model.")
 name = st.text_input("Export name", value=f"{run.name}-rank{int(rank)}", max_chars=60, key=f"ex-name-{int(rank)}")
@@ -98,6 +130,27 @@ if st.button("Export", type="primary", icon=":material/ios_share:", disabled=boo
         st.error(str(exc))
     else:
         ui.go_to("export", export=new.id, run=run.id, sweep=sweep.id if sweep else None, rank=int(rank))
+
+with st.expander(f"Polish rank {int(rank)} before exporting it", icon=":material/auto_fix_high:"):
+    st.markdown(f"Continue training rank {int(rank)} of this run on its own, starting from exactly what it is now. "
+                "The result is a new training run (sweep and export it like any other).")
+    c = st.columns([1, 1, 2], vertical_alignment="bottom")
+    # ui.number_field: out-of-range entries reach refine_problems below instead of staying in the browser.
+    polish_steps = ui.number_field(c[0], "Extra steps", 40, wd.TRAIN_LIMITS["steps"], key=f"polish-steps-{run.id}", step=1)
+    polish_lr = ui.number_field(c[1], "Learning rate", float((view.config or {}).get("train", {}).get("lr", 2e-4)),
+                                wd.TRAIN_LIMITS["lr"], key=f"polish-lr-{run.id}", format="%.5f")
+    polish_problems = wd.refine_problems(rank, polish_steps, polish_lr, r_max)
+    for p in polish_problems:
+        st.error(p, icon=":material/block:")
+    if c[2].button(f"Polish rank {int(rank)}", icon=":material/play_arrow:", key=f"polish-{run.id}",
+                   disabled=bool(polish_problems)):
+        try:
+            args = wd.refine_args(run.out_dir, int(rank), int(polish_steps), lr=float(polish_lr), r_max=r_max)
+            new = store.submit("train", f"{run.name}-rank{int(rank)}-polished", args, parent_id=run.id)
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            ui.go_to("train", run=new.id)
 
 previous = [j for j in store.list("export") if j.parent_id == run.id and (export_job is None or j.id != export_job.id)]
 if previous:

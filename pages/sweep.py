@@ -9,6 +9,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.evaluation.recommend import METRICS
+from core.evaluation.wording import verdict_style
 
 st.title("Sweep")
 st.markdown("One trained run serves every rank. The sweep answers your evaluation prompts at each chosen "
@@ -34,8 +35,9 @@ def monitor(job_id: int) -> bool:
     if view.summary is not None and not job.active:
         if job.status == "completed":
             rec = view.recommendation
-            if rec and rec.get("rank"):
-                st.success(f"Recommended rank: **{rec['rank']}**. {rec.get('reason', '')}", icon=":material/star:")
+            if rec:
+                box = {"success": st.success, "warning": st.warning, "error": st.error}[verdict_style(rec.get("verdict"))]
+                box(f"**{rec.get('headline') or 'No recommendation'}.** {rec.get('reason', '')}", icon=":material/star:")
         if st.button("Compare the ranks →", type="primary", key=f"to-compare-{job.id}"):
             ui.go_to("compare", sweep=job.id, run=job.parent_id)
     ui.job_actions(job, "sweep")
@@ -72,9 +74,17 @@ ds_id = st.selectbox("Evaluation prompts", ids, index=ids.index(own) if own in i
 dataset = wd.get_dataset(ui.workspace(), ds_id)
 ranks = st.multiselect("Ranks to measure (0 = base model)", list(range(0, r_max + 1)),
                        default=wd.default_sweep_ranks(r_max), key=f"sw-ranks-{run.id}")
-metrics = st.multiselect("Quality metrics", list(METRICS), default=list(METRICS), key="sw-metrics",
+has_facts = wd.eval_fact_count(dataset) > 0
+metrics = st.multiselect("Quality metrics", list(METRICS), key=f"sw-metrics-{'facts' if has_facts else 'nofacts'}",
+                         default=[m for m in METRICS if has_facts or m != "fact_recall"],
                          format_func=lambda m: METRICS[m].label,
                          help="; ".join(f"{s.label}: {s.description}" for s in METRICS.values()))
+if not has_facts:
+    st.caption(f"{METRICS['fact_recall'].label} is off: these evaluation prompts list no must-include facts "
+               "(a must_include column), so there is nothing to check.")
+    if "fact_recall" in metrics:
+        st.warning(f"{METRICS['fact_recall'].label} will stay empty: no prompt of this set lists must-include facts.",
+                   icon=":material/warning:")
 c = st.columns(3, vertical_alignment="bottom")
 max_prompts = ui.number_field(c[0], "Prompts to use", min(20, dataset.n_eval), (1, max(1, dataset.n_eval)),
                               key="sw-maxp", help="The first N evaluation prompts; fewer is faster.", step=1)

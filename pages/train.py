@@ -7,6 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
+from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
 store = ui.store()
@@ -133,14 +134,27 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     if sampling == "list":
         rank_list = keep("rank_list", c[2].text_input("Ranks to sample", value=values["rank_list"],
                                                       key="f-rank_list"))
-    c = st.columns(4)
+    methods, scales = list(wd.METHOD_LABELS), list(wd.SCALE_LABELS)
+    method = keep("method", c[3].selectbox(
+        "Method", methods, index=methods.index(values["method"]), key=field_key("method"), format_func=wd.METHOD_LABELS.get,
+        help="QDyLoRA trains all ranks in one run. SVD truncation trains one ordinary LoRA at r_max and cuts each "
+             "rank from it afterwards (rank sampling does not apply)."))
+    c = st.columns([2, 1, 1])
+    scale = keep("scale", c[0].selectbox(
+        "Scale at rank b", scales, index=scales.index(values["scale"]), key=field_key("scale"),
+        format_func=wd.SCALE_LABELS.get, help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
     # ui.number_field: out-of-range entries reach train_problems below instead of staying in the browser.
     limits = wd.TRAIN_LIMITS
+    ranks_per_step = keep("ranks_per_step", ui.number_field(
+        c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),
+        step=1, help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
+    st.caption(RECIPE_EVIDENCE)
+    c = st.columns(4)
     r_max = keep("r_max", ui.number_field(c[0], "r_max (largest rank)", int(values["r_max"]), limits["r_max"],
                                           key=field_key("r_max"), step=1))
     alpha = keep("alpha", ui.number_field(c[1], "α (alpha)", float(values["alpha"]), limits["alpha"],
                                           key=field_key("alpha"), step=1.0,
-                                          help="The adapter is scaled by α / b at rank b."))
+                                          help="The adapter's scale at rank b is computed from α by the scale rule."))
     steps = keep("steps", ui.number_field(c[2], "Steps", int(values["steps"]), limits["steps"], key=field_key("steps"),
                                           step=10))
     batch = keep("batch_size", ui.number_field(c[3], "Batch size", int(values["batch_size"]), limits["batch_size"],
@@ -156,7 +170,8 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
-                        batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum))
+                        batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum),
+                        method=method, scale=scale, ranks_per_step=int(ranks_per_step))
     problems = wd.train_problems(form)
 
     # -------- estimate before launch

@@ -76,7 +76,10 @@ def cli_in_process(capsys):
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def call(*args):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:     # argparse refusals (usage errors) exit from inside parse_args
+            code = exc.code
         captured = capsys.readouterr()
         return code, captured.err
 

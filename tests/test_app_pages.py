@@ -7,8 +7,6 @@ arguments and starts the fake CLI instead of training.
 """
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,19 +15,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.jobs import JobStore
+from core import workspace_data as wd
+from tests.sweep_fixtures import make_export, make_run, make_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "app" / "main.py")
 FAST = ["--steps", "1", "--step-s", "0.01"]
-SUMMARY_COLUMNS = [
-    "rank", "ref_nll", "ref_nll_lo", "ref_nll_hi", "ppl", "rouge_l", "rouge_l_lo", "rouge_l_hi",
-    "fact_recall", "fact_recall_lo", "fact_recall_hi", "similarity", "similarity_lo", "similarity_hi",
-    "ttft_ms", "ms_per_token", "tokens_per_s", "ms_per_token_merged", "adapter_params", "adapter_mb",
-    "base_mb", "peak_mem_mb",
-]
-# ref_nll: best is rank 4 (1.40); at threshold 0.95 the bar is 1.451 → rank 2; at 0.80 → rank 1.
-NLL = {0: 2.0, 1: 1.60, 2: 1.45, 4: 1.40}
-ROUGE = {0: 0.20, 1: 0.50, 2: 0.60, 4: 0.62}
 
 
 def _wait(store, job_id, timeout=20.0):
@@ -40,84 +31,6 @@ def _wait(store, job_id, timeout=20.0):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish")
-
-
-def _jsonl(path: Path, rows) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _csv(path: Path, columns, rows) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def make_run(folder: Path, data: Path, r_max: int = 4, steps: int = 4) -> None:
-    (folder / "config.json").write_text(json.dumps({
-        "train": {"data": str(data), "model": "default", "quant": "nf4", "r_max": r_max, "steps": steps},
-        "qdylora": {"r_max": r_max, "alpha": 16.0, "dropout": 0.05},
-        "model": {"name": "SmolLM2-135M-Instruct", "path": "/models/smol", "quant": "nf4",
-                  "compute_dtype": "float32", "device": "cpu"},
-    }))
-    (folder / "status.json").write_text(json.dumps({"status": "completed", "pid": 1, "step": steps,
-                                                     "total_steps": steps, "updated_at": time.time()}))
-    ranks = [1, 3, 2, 4]
-    _jsonl(folder / "progress.jsonl", [{"event": "start", "step": 0, "total_steps": steps}] + [
-        {"event": "step", "step": i + 1, "total_steps": steps, "loss": 3.0 - 0.4 * i, "rank": ranks[i % 4],
-         "lr": 2e-4, "tokens_per_s": 90.0, "elapsed_s": 5.0 * (i + 1), "eta_s": 5.0 * (steps - i - 1),
-         "mem_mb": 2100.0, "time": time.time()} for i in range(steps)] + [{"event": "end", "status": "completed"}])
-    (folder / "rank_histogram.json").write_text(json.dumps({"1": 1, "2": 1, "3": 1, "4": 1}))
-    (folder / "adapter").mkdir(exist_ok=True)
-    (folder / "adapter" / "adapter.safetensors").write_bytes(b"placeholder")
-
-
-def make_sweep(folder: Path, run_dir: Path) -> None:
-    rows = []
-    for b in (0, 1, 2, 4):
-        rows.append({
-            "rank": b, "ref_nll": NLL[b], "ref_nll_lo": NLL[b] - 0.05, "ref_nll_hi": NLL[b] + 0.05, "ppl": 2.718 ** NLL[b],
-            "rouge_l": ROUGE[b], "rouge_l_lo": ROUGE[b] - 0.05, "rouge_l_hi": ROUGE[b] + 0.05,
-            "similarity": 0.5 + ROUGE[b] / 2, "similarity_lo": 0.45 + ROUGE[b] / 2, "similarity_hi": 0.55 + ROUGE[b] / 2,
-            "ttft_ms": 20 + b, "ms_per_token": 10 + b, "tokens_per_s": 1000 / (10 + b), "ms_per_token_merged": 10,
-            "adapter_params": 1000 * b, "adapter_mb": 0.004 * b, "base_mb": 160.0, "peak_mem_mb": 900 + b,
-        })
-    _csv(folder / "summary.csv", SUMMARY_COLUMNS, rows)
-    prompts = {"e1": ("Who founded Quillhaven?", "Ilse Varga founded it."),
-               "e2": ("What does the QB-100 cost?", "It costs €89."),
-               "e3": ("Opening hours?", "Monday to Friday 08:00 to 18:00.")}
-    per = []
-    for b in (0, 1, 2, 4):
-        for pid, (prompt, ref) in prompts.items():
-            worse = pid == "e2" and b < 4      # e2 degrades first
-            per.append({"rank": b, "id": pid, "prompt": prompt, "reference": ref,
-                        "answer": f"answer of rank {b} to {pid}", "ref_nll": NLL[b] + (0.5 if worse else 0),
-                        "rouge_l": ROUGE[b] - (0.3 if worse else 0), "fact_recall": 1.0, "similarity": 0.7})
-    _csv(folder / "per_prompt.csv", ["rank", "id", "prompt", "reference", "answer", "ref_nll", "rouge_l",
-                                     "fact_recall", "similarity"], per)
-    (folder / "sweep.json").write_text(json.dumps({
-        "config": {"ranks": [0, 1, 2, 4]}, "run": str(run_dir), "ranks_done": [0, 1, 2, 4],
-        "run_meta": {"model": {"name": "SmolLM2-135M-Instruct"}, "r_max": 4},
-        "recommendation": {"rank": 2, "metric": "ref_nll", "threshold": 0.95, "reason": "test"},
-        "skipped_rows": [], "notes": []}))
-    (folder / "config.json").write_text(json.dumps({"config": {"run": str(run_dir), "ranks": [0, 1, 2, 4]}}))
-    (folder / "status.json").write_text(json.dumps({"status": "completed", "pid": 1, "updated_at": time.time()}))
-    _jsonl(folder / "progress.jsonl", [{"event": "start", "total_units": 12, "done_units": 0},
-                                       {"event": "prompt", "rank": 4, "done": 3, "total": 3, "units": 3,
-                                        "done_units": 12, "total_units": 12, "eta_s": 0},
-                                       {"event": "end", "status": "completed"}])
-
-
-def make_export(folder: Path, run_dir: Path) -> None:
-    card = {"run_id": run_dir.name, "rank": 2, "r_max": 4, "alpha": 16.0, "scale": 8.0,
-            "base_model": {"name": "SmolLM2-135M-Instruct", "path": "/models/smol", "quant": "nf4",
-                           "compute_dtype": "float32"},
-            "adapter_params": 2000, "merged": False, "file_sizes": {"adapter_model.safetensors": 8000},
-            "snippet": "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base, 'x')"}
-    (folder / "rank_card.json").write_text(json.dumps(card))
-    (folder / "rank_card.md").write_text("# Rank card: demo at rank 2\n")
-    (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
-    (folder / "adapter_config.json").write_text("{}")
 
 
 @pytest.fixture
@@ -148,19 +61,25 @@ def workspace(tmp_path, monkeypatch):
             store.cancel(job.id, force=True)
 
 
-@pytest.fixture
-def results(workspace):
-    """A finished run, its finished sweep and an export of rank 2."""
+def run_and_sweep(store, **sweep_options):
+    """A finished run on the sample data and its finished sweep (tests/sweep_fixtures.py)."""
     from core import workspace_data as wd
 
-    store = workspace
     data = wd.get_dataset(store.workspace, wd.SAMPLE_DATASET)
     run = _wait(store, store.real_submit("train", "demo run", FAST).id)
     make_run(run.out_dir, data.train_path)
     sweep = _wait(store, store.real_submit("sweep", "demo sweep", FAST, parent_id=run.id).id)
-    make_sweep(sweep.out_dir, run.out_dir)
+    make_sweep(sweep.out_dir, run.out_dir, **sweep_options)
+    return run, sweep
+
+
+@pytest.fixture
+def results(workspace):
+    """A finished run, its finished sweep and an export of rank 2."""
+    store = workspace
+    run, sweep = run_and_sweep(store)
     export = _wait(store, store.real_submit("export", "demo export", FAST, parent_id=run.id).id)
-    make_export(export.out_dir, run.out_dir)
+    make_export(export.out_dir, run.out_dir, sweep.out_dir)
     return store, run, sweep, export
 
 
@@ -284,7 +203,9 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert sub["kind"] == "train"
     args = sub["args"]
     assert args[args.index("--r-max") + 1] == "64" and args[args.index("--steps") + 1] == "7"
-    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
+    standard = wd.PRESETS["Standard"]
+    assert args[args.index("--alpha") + 1] == str(standard["alpha"]) and args[args.index("--lr") + 1] == str(standard["lr"])
+    assert args[args.index("--scale") + 1] == standard["scale"] and args[args.index("--method") + 1] == standard["method"]
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
 
@@ -298,7 +219,9 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
         return {label: field(at.number_input, label).value
                 for label in ["r_max (largest rank)", "α (alpha)", "Learning rate", "Steps"]}
 
-    quick = {"r_max (largest rank)": 16, "α (alpha)": 16.0, "Learning rate": 3e-4, "Steps": 40}
+    presets = list(wd.PRESETS.values())
+    assert all(p["lr"] > 1e-6 and p["alpha"] > 1 for p in presets)  # well above the widgets' minimum values
+    quick = {"r_max (largest rank)": 16, "α (alpha)": presets[0]["alpha"], "Learning rate": presets[0]["lr"], "Steps": 40}
     assert shown() == quick
     field(at.number_input, "Steps").set_value(4).run()
     assert shown() == {**quick, "Steps": 4}
@@ -307,7 +230,7 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
     assert not at.exception, [e.value for e in at.exception]
     assert shown() == {**quick, "Steps": 4}
     at.radio(key="preset").set_value("Standard").run()
-    standard = {"r_max (largest rank)": 64, "α (alpha)": 16.0, "Learning rate": 2e-4, "Steps": 300}
+    standard = {"r_max (largest rank)": 64, "α (alpha)": presets[1]["alpha"], "Learning rate": presets[1]["lr"], "Steps": 300}
     assert shown() == standard
     field(at.number_input, "r_max (largest rank)").set_value(8).run()
     at.switch_page("../pages/home.py").run()
@@ -317,7 +240,7 @@ def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switch
     assert not at.warning, [w.value for w in at.warning]
     button(at, "Start training").click().run()
     args = workspace.submitted[-1]["args"]
-    assert args[args.index("--alpha") + 1] == "16.0" and args[args.index("--lr") + 1] == "0.0002"
+    assert args[args.index("--alpha") + 1] == str(presets[1]["alpha"]) and args[args.index("--lr") + 1] == str(presets[1]["lr"])
     assert args[args.index("--r-max") + 1] == "8" and args[args.index("--steps") + 1] == "300"
 
 
@@ -366,6 +289,22 @@ def test_sweep_page_defaults_and_launch(results):
     assert args[args.index("--max-prompts") + 1] == "5" and args[args.index("--prompts") + 1].endswith("eval.jsonl")
 
 
+def test_sweep_page_leaves_fact_recall_out_when_the_set_has_no_facts(results):
+    from core import workspace_data as wd
+
+    store, run, sweep, export = results
+    at = app("sweep", run=run.id)
+    assert "fact_recall" in at.multiselect(key="sw-metrics-facts").value       # the sample lists facts
+    raw = (ROOT / "sample_data" / "train.jsonl").read_bytes()
+    plain = wd.create_dataset(store.workspace, "no facts", raw, "train.jsonl", eval_fraction=0.1)
+    at.run()
+    at.selectbox(key="sw-ds").set_value(plain.id).run()
+    assert at.multiselect(key="sw-metrics-nofacts").value == ["ref_nll", "rouge_l", "similarity"]
+    assert "Facts included is off: these evaluation prompts list no must-include facts" in texts(at)
+    at.multiselect(key="sw-metrics-nofacts").set_value(["ref_nll", "fact_recall"]).run()
+    assert any("will stay empty" in w.value for w in at.warning)
+
+
 def test_sweep_page_refuses_only_rank_zero(results):
     store, run, sweep, export = results
     at = app("sweep", run=run.id)
@@ -384,27 +323,133 @@ def test_sweep_page_shows_a_finished_sweep(results):
 # ---------------------------------------------------------------- Compare
 
 
-def test_compare_page_recommends_live(results):
+def shown_tables(at) -> list:
+    return [d.value for d in at.dataframe]
+
+
+def table(at, first_column: str):
+    """The shown table whose first column is `first_column`."""
+    matches = [t for t in shown_tables(at) if len(t.columns) and t.columns[0] == first_column]
+    assert len(matches) == 1, [list(t.columns)[:2] for t in shown_tables(at)]
+    return matches[0]
+
+
+def test_compare_page_decides_in_plain_words(results):
     store, run, sweep, export = results
     at = app("compare", sweep=sweep.id)
-    assert any("Recommended rank: 2" in s.value for s in at.success)
+    decision = at.success[0].value
+    assert decision.startswith("### Use rank 2\nRank 2 is within 2 % of the best rank (4) on reference loss, "
+                               "2× smaller than rank 4 and as fast when merged.")
+    assert "Rank 2 is as good as the best rank, 4 (difference within ±5 %, 95 % confidence)" in decision
+    body = texts(at)
+    assert "Decided on **reference loss** because it scores the whole reference answer" in body
+    assert "All 4 measures agree: rank 2." in body
     assert len(at.get("plotly_chart")) == 3                       # quality, speed, memory
-    assert at.dataframe                                           # all numbers + degradation
-    at.slider(key="cmp-threshold").set_value(0.80).run()
-    assert any("Recommended rank: 1" in s.value for s in at.success)
+    across = table(at, "Measure")
+    assert across["Recommended rank"].tolist() == ["2", "2", "2", "2"] and set(across["Agrees"]) == {"✓"}
+    for shown in shown_tables(at):                               # raw column names only in the CSV downloads
+        names = " ".join(map(str, shown.columns))
+        assert not any(raw in names for raw in ("ref_nll", "_lo", "ttft", "ms_per_token", "adapter_mb")), names
+    speed = {m.label: m.value for m in at.metric}
+    assert speed["Served merged, per token"] == "412 ms" and speed["With adapter on 4-bit base, per token"] == "3.4 s"
+    assert "fastest–slowest run: 3.2–3.6 s" in body
+    assert any("what you would serve" in m.value for m in at.markdown)
+    downloads = [d.label for d in at.get("download_button")]
+    assert "Decision report (HTML)" in downloads and "Download summary.csv (raw numbers)" in downloads
+    assert any(b.label == "Export rank 2 →" for b in at.button)
+
+
+def test_compare_page_reports_each_named_evaluation_set(results):
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    assert not [t for t in shown_tables(at) if list(t.columns)[:1] == ["Evaluation set"]]  # one unnamed set
+    rows = [{"set": name, "rank": b, "ref_nll": nll, "ref_nll_lo": nll - 0.1, "ref_nll_hi": nll + 0.1}
+            for name, shift in (("FAQ recall", 0.0), ("new wordings", 0.8)) for b, nll in ((0, 3.9 + shift), (2, 1.2 + shift))]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(sweep.out_dir / "summary_by_set.csv", index=False)
+    at = app("compare", sweep=sweep.id)
+    per_set = table(at, "Evaluation set")
+    assert per_set["Evaluation set"].tolist() == ["FAQ recall", "new wordings"]
+    assert list(per_set.columns) == ["Evaluation set", "Base model", "Rank 2"]
+    assert per_set["Rank 2"].tolist() == ["1.20 (1.10–1.30) nats/token", "2.00 (1.90–2.10) nats/token"]
+    assert "recites rather than knows" in texts(at)
+
+
+def test_compare_page_tolerance_and_metric_change_the_decision(results):
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    at.select_slider(key="cmp-tolerance").set_value(20).run()
+    assert at.success[0].value.startswith("### Use rank 1")
     at.selectbox(key="cmp-metric").set_value("rouge_l").run()
-    assert any("Recommended rank" in s.value for s in at.success)
-    assert any(b.label.startswith("Export rank") for b in at.button)
+    body = texts(at)
+    assert "Decided on **word overlap** because you chose it below" in body
+    assert "(decides)" in table(at, "Measure")["Measure"].iloc[1]
 
 
-def test_compare_page_side_by_side_and_degradation(results):
+def test_compare_page_grid_marks_facts_and_filters_degrading_prompts(results):
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    grid = table(at, "Base model")
+    assert list(grid.columns) == ["Base model", "Rank 1", "Rank 2", "Rank 4"] and len(grid) == 8
+    assert grid.loc[grid.index[0], "Rank 1"].endswith("✓ Ilse Varga · ✗ 2017")
+    at.toggle(key="cmp-grid-degrading").set_value(True).run()
+    assert len(table(at, "Base model")) == 8                   # within 5 %: rank 1 falls short everywhere
+    at.select_slider(key="cmp-tolerance").set_value(20).run()   # within 20 %: only on e2
+    grid = table(at, "Base model")
+    assert [i.split(" · ")[0] for i in grid.index] == ["e2"]
+    deg = table(at, "Prompt")
+    assert deg.iloc[0]["Prompt"].startswith("e2 · ") and deg.iloc[0]["First falls short at"] == "rank 1"
+    assert "None" not in " ".join(deg.astype(str).values.ravel())
+
+
+def test_compare_page_side_by_side_answers_with_facts(results):
     store, run, sweep, export = results
     at = app("compare", sweep=sweep.id)
     at.selectbox(key="cmp-prompt").set_value("e2").run()
     body = texts(at)
-    assert "answer of rank 0 to e2" in body and "answer of rank 4 to e2" in body
-    deg = at.dataframe[-1].value
-    assert deg.iloc[0]["id"] == "e2"                             # degrades first
+    assert "answer of rank 0 to e2" in body and "answer of rank 4 to e2, €89" in body
+    assert "✗ €89" in body and "✓ €89" in body
+
+
+def test_compare_page_says_why_fact_recall_is_missing(workspace):
+    import json
+
+    run, sweep = run_and_sweep(workspace, metrics=("ref_nll", "rouge_l"))
+
+    cfg = json.loads((sweep.out_dir / "config.json").read_text())
+    cfg["config"]["metrics"] = ["ref_nll", "rouge_l", "fact_recall"]
+    (sweep.out_dir / "config.json").write_text(json.dumps(cfg))
+    at = app("compare", sweep=sweep.id)
+    assert "**Facts included** is not shown: the evaluation set has no must-include facts" in texts(at)
+
+
+def test_playground_streams_answers_of_several_ranks(results, monkeypatch):
+    from core import playground as pg
+
+    monkeypatch.setattr(pg, "CLI_MODULE", "tests.fake_playground")
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    assert at.multiselect(key="pg-ranks").value == [0, 2, 4]
+    at.button(key="pg-ask").click().run()
+    assert any("Type a question first" in e.value for e in at.error)
+    at.text_area(key="pg-question").set_value("Where do you ship from?").run()
+    at.button(key="pg-ask").click().run()
+    folder = pg.folder_for(store.workspace, run.out_dir)
+    deadline = time.time() + 30
+    while (pg.read_answers(folder) or {}).get("status") != "done" and time.time() < deadline:
+        time.sleep(0.1)
+    at.run()
+    body = texts(at)
+    assert "**Question:** Where do you ship from?" in body
+    for b in (0, 2, 4):
+        assert f"answer of rank {b} to: Where do you ship from?" in body
+    assert "**Base model**" in body and "**Rank 2 ★**" in body
+    at.button(key="pg-stop").click().run()
+    deadline = time.time() + 10
+    while pg.is_running(pg.worker_state(folder)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert pg.worker_state(folder)["status"] == "completed"
 
 
 # ---------------------------------------------------------------- Export
@@ -424,25 +469,72 @@ def test_export_page_prefills_the_recommendation_and_launches(results):
     assert args[args.index("--sweep") + 1] == str(sweep.out_dir.resolve())
 
 
-def test_export_page_shows_card_snippet_and_download(results):
+def test_export_page_polishes_the_chosen_rank_as_a_new_training_run(results):
+    store, run, sweep, export = results
+    at = app("export", run=run.id, sweep=sweep.id)
+    [n for n in at.number_input if n.label == "Extra steps"][0].set_value(12).run()
+    button(at, "Polish rank 2").click().run()
+    assert not at.error, [e.value for e in at.error]
+    sub = store.submitted[-1]
+    assert sub["kind"] == "train" and sub["parent_id"] == run.id
+    args = sub["args"]
+    assert args[args.index("--init-from") + 1] == str(run.out_dir.resolve())
+    assert args[args.index("--init-rank") + 1] == "2" and args[args.index("--r-max") + 1] == "2"
+    assert args[args.index("--steps") + 1] == "12" and args[args.index("--rank-list") + 1] == "2"
+
+
+def test_export_page_shows_card_snippet_once_and_the_report(results):
     store, run, sweep, export = results
     at = app("export", export=export.id, run=run.id)
     assert any("exported" in s.value for s in at.success)
-    assert at.get("download_button")
-    assert any("PeftModel" in c.value for c in at.code)
+    downloads = [d.label for d in at.get("download_button")]
+    assert "Download adapter + rank card (.zip)" in downloads and "Decision report (HTML)" in downloads
+    snippets = [c.value for c in at.code if c.language == "python"]
+    assert len(snippets) == 1 and "'HuggingFaceTB/SmolLM2-135M-Instruct'" in snippets[0]
+    body = texts(at)
+    assert body.count("PeftModel.from_pretrained") == 0                # the snippet is the code block only
+    assert "| Reference loss | 1.48 (1.42–1.54) nats/token |" in body and "measured on the 4-bit NF4 base" in body
 
 
 def test_dashboard_process_never_imports_torch(tmp_path):
-    """Pages validate and estimate in the server process; torch (~300 MB, seconds) stays in the jobs."""
+    """Pages validate, estimate, decide, write the decision report and ask the playground in
+    the server process; torch (~300 MB, seconds) stays in the jobs and the playground worker."""
     code = (
-        "import sys\n"
+        "import sys, time\n"
         "from streamlit.testing.v1 import AppTest\n"
+        "from core import playground as pg\n"
+        "from core import workspace_data as wd\n"
+        "from core.jobs import JobStore\n"
+        "from tests.sweep_fixtures import make_export, make_run, make_sweep\n"
+        f"store = JobStore({str(tmp_path / 'ws')!r}, cli_module='tests.fake_cli', poll_interval=0.05)\n"
+        "data = wd.ensure_sample_dataset(store.workspace)\n"
+        "def done(job):\n"
+        "    while store.get(job.id).active:\n"
+        "        time.sleep(0.05)\n"
+        "    return job\n"
+        f"run = done(store.submit('train', 'r', {FAST!r}))\n"
+        "make_run(run.out_dir, data.train_path)\n"
+        f"sweep = done(store.submit('sweep', 's', {FAST!r}, parent_id=run.id))\n"
+        "make_sweep(sweep.out_dir, run.out_dir)\n"
+        f"export = done(store.submit('export', 'e', {FAST!r}, parent_id=run.id))\n"
+        "make_export(export.out_dir, run.out_dir, sweep.out_dir)\n"
+        "pg.CLI_MODULE = 'tests.fake_playground'\n"
         f"at = AppTest.from_file({MAIN!r}, default_timeout=60)\n"
+        "at.query_params['export'] = str(export.id)\n"
         "at.run()\n"
         "for page in ('data', 'train', 'sweep', 'compare', 'export'):\n"
         "    at.switch_page(f'../pages/{page}.py')\n"
         "    at.run()\n"
         "    assert not at.exception, [e.value for e in at.exception]\n"
+        "    if page == 'compare':\n"
+        "        at.text_area(key='pg-question').set_value('Hello?').run()\n"
+        "        at.button(key='pg-ask').click().run()\n"
+        "        assert 'Decision report (HTML)' in [d.label for d in at.get('download_button')]\n"
+        "    if page == 'export':\n"
+        "        assert 'Decision report (HTML)' in [d.label for d in at.get('download_button')]\n"
+        "pg.stop(pg.folder_for(store.workspace, run.out_dir))\n"
+        "from core.evaluation.report import report_for_sweep\n"
+        "assert report_for_sweep(sweep.out_dir).charts\n"
         "from core.workspace_data import TrainForm, train_problems\n"
         "problems = train_problems(TrainForm(dataset=None, r_max=8, lr=2.0))\n"
         "assert any('lr' in p.lower() for p in problems), problems\n"
@@ -451,7 +543,7 @@ def test_dashboard_process_never_imports_torch(tmp_path):
     import os
     import subprocess
 
-    env = dict(os.environ, RANK_STUDIO_WORKSPACE=str(tmp_path / "ws"))
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    env = dict(os.environ, RANK_STUDIO_WORKSPACE=str(tmp_path / "ws"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["False", "False"]

@@ -288,11 +288,31 @@ def world(tmp_path_factory, finished_tiny_run, tiny_model_dir):
         "not-utf8": b"rank,ref_nll\n\xff,1\n",
         "unclosed-quote": header + '1,"1.0,1,1\n',
     }
+    # per_prompt.csv (what `recommend` reads), damaged in the same ways
+    pp_header = "rank,id,ref_nll,ref_tokens,rouge_l\n"
+    pp_rows = "".join(f"{b},p{i},{2.0 - 0.1 * b - 0.01 * i:.3f},10,{0.2 + 0.1 * b:.2f}\n"
+                      for b in (0, 1, 2, 4) for i in range(6))
+    per_prompts = {
+        "good": pp_header + pp_rows,
+        "empty": "",
+        "header-only": pp_header,
+        "rank-abc": pp_header + "abc,p1,1.0,10,0.1\n",
+        "rank-negative": pp_header + "-1,p1,1.0,10,0.1\n",
+        "rank-fraction": pp_header + "1.5,p1,1.0,10,0.1\n",
+        "no-rank-column": "id,ref_nll\np1,1.0\n",
+        "ragged": pp_header + "1,p1\n",
+        "value-text": pp_header + "1,p1,low,10,0.1\n",
+        "duplicate-rank": pp_header + "1,p1,1.0,10,0.1\n1,p1,1.1,10,0.1\n",
+        "not-utf8": b"rank,id,ref_nll\n\xff,p1,1\n",
+        "unclosed-quote": pp_header + '1,"p1,1.0,10,0.1\n',
+    }
     w["sweeps"] = {}
     for name, text in summaries.items():
         folder = sweeps / name
         folder.mkdir()
         (folder / "summary.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+        rows = per_prompts[name]
+        (folder / "per_prompt.csv").write_bytes(rows if isinstance(rows, bytes) else rows.encode())
         (folder / "config.json").write_text(json.dumps({"config": {"run": str(finished_tiny_run), "prompts": "p",
                                                                    "out": str(folder)}}))
         w["sweeps"][name] = folder
@@ -554,10 +574,12 @@ SUMMARY_WORDS = {
     "no-rank-column": ["no 'rank' column"], "ragged": ["row 1", "2 values"], "value-text": ["ref_nll 'low'"],
     "duplicate-rank": ["rank 1 appears twice"], "not-utf8": ["not UTF-8"], "unclosed-quote": ["not valid CSV"],
 }
+# `recommend` decides from per_prompt.csv, damaged in the same ways (a rank and prompt twice)
+PER_PROMPT_WORDS = SUMMARY_WORDS | {"duplicate-rank": ["rank 1 of prompt 'p1' appears twice"]}
 for _name, _words in SUMMARY_WORDS.items():
     CLI_CASES += [
         (EXPORT + ["--sweep", f"{{sweep:{_name}}}"], _words),
-        (["recommend", "--sweep", f"{{sweep:{_name}}}"], _words),
+        (["recommend", "--sweep", f"{{sweep:{_name}}}"], PER_PROMPT_WORDS[_name]),
     ]
 CLI_CASES += [
     (EXPORT[:4] + ["3"] + EXPORT[5:] + ["--sweep", "{sweep:good}"], ["did not measure rank 3"]),
@@ -601,7 +623,7 @@ CLI_CASES += [
     (RECOMMEND + ["--threshold", "nan"], ["threshold"]),
     (RECOMMEND + ["--threshold", "2"], ["threshold"]),
     (RECOMMEND + ["--threshold", "-1"], ["threshold"]),
-    (["recommend", "--sweep", "{data}"], ["no summary.csv"]),
+    (["recommend", "--sweep", "{data}"], ["not a sweep folder with results", "no per_prompt.csv"]),
 ]
 
 

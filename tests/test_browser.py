@@ -176,9 +176,14 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
             "?.getAttribute('data-test-script-state') === 'notRunning'")
 
     def shot(name: str) -> None:
+        """The whole page: Streamlit scrolls inside its main block, so the window is made as tall."""
         idle()
         page.wait_for_timeout(800)      # let charts finish drawing
+        height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 1000")
+        page.set_viewport_size({"width": 1400, "height": min(max(1000, height + 40), 6000)})
+        page.wait_for_timeout(300)
         page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
     def number(label: str, value) -> None:
         field = page.get_by_label(label, exact=True)
@@ -224,8 +229,11 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     page.wait_for_timeout(1000)
     assert hold.release() > 0
     idle()
-    expect(page.get_by_label("α (alpha)", exact=True)).to_have_value("16.00")
-    expect(page.get_by_label("Learning rate", exact=True)).to_have_value("0.00030")
+    from core.workspace_data import PRESETS
+
+    preset = PRESETS["Quick demo (CPU, ~5 min)"]    # the page's first preset, left selected
+    expect(page.get_by_label("α (alpha)", exact=True)).to_have_value(f"{preset['alpha']:.2f}")
+    expect(page.get_by_label("Learning rate", exact=True)).to_have_value(f"{preset['lr']:.5f}")
 
     def typed(label: str, text: str, shown: str) -> None:
         field = page.get_by_label(label, exact=True)
@@ -244,7 +252,7 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
         expect(page.get_by_text(reason).first).to_be_visible()
     expect(page.get_by_role("button", name="Start training").first).to_be_disabled()
     shot("04a-train-form-refused")
-    typed("Learning rate", "0.0003", "0.00030")
+    typed("Learning rate", f"{preset['lr']:.5f}", f"{preset['lr']:.5f}")
     number("r_max (largest rank)", 4)
     number("Steps", 4)
     number("Batch size", 2)
@@ -258,12 +266,11 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     page.get_by_role("button", name="Start training").first.click()
     expect(page.get_by_text("browser-run · run #").first).to_be_visible()
     from core.jobs import JobStore
-    from core.workspace_data import PRESETS
 
     argv = JobStore(ws).list(kind="train")[0].argv
-    preset = PRESETS["Quick demo (CPU, ~5 min)"]    # the page's first preset, left selected
-    assert argv[argv.index("--alpha") + 1] == str(preset["alpha"]) == "16.0", argv
-    assert argv[argv.index("--lr") + 1] == str(preset["lr"]) == "0.0003", argv
+    assert preset["lr"] > 1e-6 and preset["alpha"] > 1    # not the widgets' minimum values
+    assert argv[argv.index("--alpha") + 1] == str(preset["alpha"]), argv
+    assert argv[argv.index("--lr") + 1] == str(preset["lr"]), argv
     assert argv[argv.index("--r-max") + 1] == "4" and argv[argv.index("--steps") + 1] == "4", argv
     assert argv[argv.index("--batch-size") + 1] == "2" and argv[argv.index("--max-length") + 1] == "64", argv
     shot("05a-train-started")
@@ -287,26 +294,67 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     expect(page.get_by_role("button", name="Compare the ranks →").first).to_be_visible(timeout=180_000)
     shot("07-sweep-finished")
 
-    # 5. Compare: charts, a threshold change, answers side by side
+    # 5. Compare: the decision in words, charts, a tolerance change, the prompts × ranks grid
     idle()
     page.get_by_role("button", name="Compare the ranks →").first.click()
-    expect(page.get_by_text("Recommended rank").first).to_be_visible()
+    decision = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"Use rank|Keep the base model")).first
+    expect(decision).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Decided on ")).first).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
     shot("08-compare")
     page.get_by_role("tab", name="Speed").click()
     expect(page.get_by_text("did not measure speed").first).to_be_visible()
     page.get_by_role("tab", name="Memory").click()
     shot("10-compare-memory")
+    page.get_by_text("How the decision is made").first.click()
     slider = page.get_by_role("slider").first
     slider.focus()
-    for _ in range(10):
-        slider.press("ArrowLeft")
-    page.wait_for_timeout(1500)
-    shot("11-compare-threshold-0.85")
+    for _ in range(2):
+        slider.press("ArrowRight")                  # tolerance 5 % → 10 % → 15 %
+    idle()
+    expect(page.get_by_text(re.compile(r"within 15 % of it with 95 % confidence")).first).to_be_visible()
+    page.get_by_role("tab", name="Prompts × ranks").click()
+    idle()
+    shot("11-compare-grid")
 
-    # 6. Export the recommended rank (pre-filled) or, with none, rank 2; download the zip
-    heading = page.get_by_text("Recommended rank:").first.inner_text()
-    recommended = int(heading.split(":")[1].split()[0]) if "Recommended rank:" in heading else None
+    # 6. The playground: one question, answered by the base model and two ranks, streamed
+    page.get_by_role("tab", name="Try your own question").click()
+    question = page.get_by_label("Your question", exact=True)
+    question.fill("What does the QB-100 cost?")
+    idle()
+    page.get_by_role("button", name="Ask").first.click()
+    expect(page.get_by_text("Question: What does the QB-100 cost?").first).to_be_visible(timeout=120_000)
+    from core import playground as pg
+
+    folder = next((ws / "playground").iterdir())
+    deadline = time.time() + 240
+    while (pg.read_answers(folder) or {}).get("status") != "done" and time.time() < deadline:
+        assert pg.worker_state(folder)["status"] == "running", (folder / "worker.log").read_text()[-3000:]
+        page.wait_for_timeout(500)
+    answered = pg.read_answers(folder)
+    assert answered["status"] == "done" and len(answered["ranks"]) >= 2 and 0 in answered["order"], answered
+    expect(page.get_by_text(re.compile(r"^\d+ tokens in ")).nth(len(answered["order"]) - 1)).to_be_visible()
+    shot("12-playground")
+    page.get_by_role("button", name="Stop the playground").first.click()
+    idle()
+
+    # 7. The decision report: download the HTML and read it as a manager would
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Decision report (HTML)").first.click()
+    report = tmp_path / "report.html"
+    info.value.save_as(report)
+    text = report.read_text(encoding="utf-8")
+    assert "Decision report: browser-run" in text and "data:image/png;base64," in text and "example answers" in text
+    recommended = None
+    match = re.search(r"<strong>Use rank (\d+)", text)
+    if match:
+        recommended = int(match.group(1))
+    report_page = page.context.browser.new_page(viewport={"width": 1100, "height": 1000})
+    report_page.goto(report.as_uri())
+    report_page.screenshot(path=str(SHOTS / "13-decision-report.png"), full_page=True)
+    report_page.close()
+
+    # 8. Export the recommended rank (pre-filled) or, with none, rank 2; download the zip
     if recommended:
         idle()
         page.get_by_role("button", name=f"Export rank {recommended}").first.click()
@@ -321,13 +369,14 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     page.get_by_role("button", name="Export", exact=True).first.click()
     download_button = page.get_by_role("button", name="Download adapter + rank card (.zip)").first
     expect(download_button).to_be_visible(timeout=120_000)
-    shot("12-export")
+    expect(page.get_by_role("button", name="Decision report (HTML)").first).to_be_visible()
+    shot("14-export")
     with page.expect_download() as info:
         download_button.click()
     target = tmp_path / "export.zip"
     info.value.save_as(target)
 
-    # 7. Home lists all three jobs
+    # 9. Home lists all three jobs
     page.get_by_role("link", name="Runs").first.click()
     expect(page.get_by_text("browser-run").first).to_be_visible()
-    shot("13-home-jobs")
+    shot("15-home-jobs")

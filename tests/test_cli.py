@@ -118,3 +118,44 @@ def test_sigterm_cancels_cooperatively(tiny_model_dir, small_train_file, tmp_pat
     assert status["status"] == "cancelled"
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] == status["step"] >= 1
+
+
+def test_train_flags_are_the_config_fields_and_round_trip():
+    """Every TrainConfig field has a flag, unset flags keep the config's defaults, and cli_args reproduces a config."""
+    from core.cli import build_parser, train_config_from_args
+    from core.train_config import TrainConfig
+
+    cfg = TrainConfig(data="d.jsonl", out="o", scale="constant", ranks_per_step=2, rank_sampling="list", rank_list=[1, 3],
+                      target_modules=["q_proj", "v_proj"], lr=3e-4, gradient_checkpointing=True, init_from="parent",
+                      init_rank=3, r_max=3, weight_decay=0.01, extra_ranks="max", distill=0.25)
+    assert train_config_from_args(build_parser().parse_args(["train", *cfg.cli_args(), "--out", "o"]), out="o") == cfg
+    defaults = train_config_from_args(build_parser().parse_args(["train", "--data", "d.jsonl", "--out", "o"]), out="o")
+    assert defaults == TrainConfig(data="d.jsonl", out="o")
+
+
+def test_refine_through_the_cli_and_its_bad_input(tiny_model_dir, small_train_file, tmp_path, cli_in_process):
+    parent = tmp_path / "parent"
+    assert cli_in_process("train", "--data", str(small_train_file), "--model", str(tiny_model_dir), "--quant", "none",
+                          "--r-max", "4", "--steps", "1", "--batch-size", "2", "--max-length", "48", "--out", str(parent),
+                          "--no-progress")[0] == 0
+    for args, message in [
+        (["--rank", "5"], "1..4"), (["--rank", "0"], "1..4"), (["--run", str(tmp_path / "nope")], "does not exist"),
+    ]:
+        base = {"--run": str(parent), "--rank": "2", "--steps": "1", "--out": str(tmp_path / "new")}
+        base.update(dict(zip(args[::2], args[1::2])))
+        code, err = cli_in_process("refine", *[x for kv in base.items() for x in kv], "--no-progress")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "new").exists()
+    for flag, value in [("--scale", "alpha*b"), ("--method", "magic"), ("--extra-ranks", "all")]:
+        code, err = cli_in_process("train", "--data", str(small_train_file), "--model", str(tiny_model_dir), flag, value,
+                                   "--out", str(tmp_path / "bad"))
+        assert code == 2 and value in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+    code, err = cli_in_process("refine", "--run", str(parent), "--rank", "2", "--steps", "2", "--lr", "5e-4",
+                               "--out", str(tmp_path / "refined"), "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "refined" / "config.json").read_text())
+    assert config["train"]["init_from"] == str(parent) and config["train"]["r_max"] == 2
+    assert config["train"]["lr"] == 5e-4 and config["train"]["steps"] == 2
+    gen = cli_in_process("generate", "--run", str(tmp_path / "refined"), "--rank", "2", "--prompt", "Hi", "--max-new-tokens", "3")
+    assert gen[0] == 0

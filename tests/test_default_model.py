@@ -44,12 +44,12 @@ def test_peft_reload_matches_on_the_default_model(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core.models import quantization_config
+    from core.models import keep_nf4_compute_dtype, quantization_config
     from core.runs import encode_prompts
 
     batch = encode_prompts(ours.tokenizer, prompts, "cpu")
-    base = AutoModelForCausalLM.from_pretrained(ours.resolved.path, dtype=torch.float32, device_map="cpu",
-                                                quantization_config=quantization_config("nf4", torch.float32))
+    base = keep_nf4_compute_dtype(AutoModelForCausalLM.from_pretrained(
+        ours.resolved.path, dtype=torch.float32, device_map="cpu", quantization_config=quantization_config("nf4", torch.float32)))
     for rank in (2, 8):
         out = tmp_path / f"export-{rank}"
         export_rank(ExportConfig(run=str(run_dir), rank=rank, out=str(out)))

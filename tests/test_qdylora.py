@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.qdylora import QDyLoRAConfig, RankSampler, get_rank, inject_qdylora, lora_scale, set_rank
+from core.qdylora import QDyLoRAConfig, RankSampler, get_rank, inject_qdylora, lora_scale, qdylora_layers, set_rank
 from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_state_dict, find_target_modules
 from core.qdylora.layer import DynamicRankLoRALinear
 from core.qdylora.sampling import candidate_ranks
@@ -183,5 +183,125 @@ def test_sampler_state_round_trip():
     ({"rank_sampling": "list"}, "rank_list"), ({"rank_sampling": "list", "rank_list": [9], "r_max": 8}, "rank_list"),
 ])
 def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QDyLoRAConfig(**kwargs)
+
+
+# --- scale rules, several ranks per step, SVD truncation (issue 9) ---
+
+@pytest.mark.parametrize("rule,expected", [("alpha/b", [16.0, 4.0, 1.0]), ("alpha/sqrt(b)", [16.0, 8.0, 4.0]),
+                                           ("constant", [4.0, 4.0, 4.0])])
+def test_scale_rules(rule, expected):
+    assert [lora_scale(16, b, rule, r_max=16) for b in (1, 4, 16)] == pytest.approx(expected)
+    assert lora_scale(16, 0, rule, r_max=16) == 0.0
+    assert QDyLoRAConfig(r_max=16, scale=rule).scale_at(4) == pytest.approx(expected[1])
+
+
+def test_configs_saved_before_the_scale_rule_load_as_alpha_over_b():
+    from core.train_config import TrainConfig
+
+    old = QDyLoRAConfig(r_max=8).to_dict()
+    del old["scale"]
+    assert QDyLoRAConfig.from_dict(old).scale == "alpha/b"
+    assert QDyLoRAConfig.from_dict(old | {"scale": "constant"}).scale == "constant"
+    saved = TrainConfig(data="d", out="o", scale="constant").to_dict()
+    del saved["scale"]
+    assert TrainConfig.from_dict(saved).scale == "alpha/b"
+
+
+@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant"])
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_peft_scale_fields_give_peft_the_same_scale(rule, rank):
+    from peft import LoraConfig, get_peft_model
+
+    from core.qdylora.config import peft_scale_fields
+
+    fields = peft_scale_fields(16.0, rank, rule, r_max=8)
+    model = get_peft_model(TwoLayer(), LoraConfig(r=rank, target_modules=["0"], **fields))
+    assert model.base_model.model.block[0].scaling["default"] == pytest.approx(lora_scale(16.0, rank, rule, r_max=8))
+
+
+@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant"])
+def test_each_example_at_its_own_rank_equals_separate_forwards(rule):
+    from core.qdylora.inject import set_example_ranks
+
+    torch.manual_seed(0)
+    model = TwoLayer()
+    inject_qdylora(model, QDyLoRAConfig(r_max=6, scale=rule, dropout=0.0))
+    for layer in qdylora_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    model.double()  # so that only the summation order differs between the two ways
+    x = torch.randn(4, 3, 8, dtype=torch.float64)
+    ranks = [1, 6, 3, 3]
+    set_example_ranks(model, ranks)
+    together = model(x)
+    together.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    alone = []
+    for i, b in enumerate(ranks):
+        set_rank(model, b)
+        out = model(x[i:i + 1])
+        out.pow(2).sum().backward()
+        alone.append(out)
+    torch.testing.assert_close(together, torch.cat(alone))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad)
+    assert get_rank(model) == 3  # set_rank cleared the per-example ranks
+    with pytest.raises(ValueError, match="1..6"):
+        set_example_ranks(model, [0, 2])
+
+
+def test_stratified_draws_spread_each_step_and_follow_the_distribution():
+    cfg = QDyLoRAConfig(r_max=16)
+    sampler = RankSampler(cfg, seed=3)
+    counts = Counter()
+    for _ in range(3000):
+        step = sampler.sample_step(4)
+        assert [(b - 1) // 4 for b in step] == [0, 1, 2, 3]  # one draw from each quarter of 1..16
+        counts.update(step)
+    assert all(abs(c / 12000 - 1 / 16) < 0.01 for c in counts.values())
+    high_sampler = RankSampler(QDyLoRAConfig(r_max=16, rank_sampling="high"), 0)
+    high = Counter(b for _ in range(3000) for b in high_sampler.sample_step(4))
+    assert high[16] / high[2] == pytest.approx(8, rel=0.2)
+    state = sampler.state_dict()
+    expected = [sampler.sample_step(4) for _ in range(5)]
+    other = RankSampler(cfg, seed=99)
+    other.load_state_dict(state)
+    assert [other.sample_step(4) for _ in range(5)] == expected
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 8), (5, 30, 8), (20, 4, 8)])
+def test_svd_ordered_factors_give_the_best_approximation_at_every_rank(shape):
+    from core.qdylora.truncation import svd_ordered_factors
+
+    out_f, in_f, r = shape
+    torch.manual_seed(0)
+    a, b = torch.randn(r, in_f), torch.randn(out_f, r)
+    new_a, new_b = svd_ordered_factors(a, b, scale_from=2.0, scale_to=0.5)
+    u, s, vh = torch.linalg.svd((2.0 * b @ a).double(), full_matrices=False)
+    for k in range(1, r + 1):
+        kk = min(k, s.shape[0])
+        best = (u[:, :kk] * s[:kk]) @ vh[:kk]
+        torch.testing.assert_close((0.5 * new_b[:, :k] @ new_a[:k]).double(), best, atol=1e-4, rtol=1e-4)
+
+
+def test_svd_method_trains_at_r_max_only_and_is_used_with_the_constant_scale():
+    from core.qdylora.truncation import inference_config
+
+    cfg = QDyLoRAConfig(r_max=8, method="svd", rank_sampling="high", ranks_per_step=3, scale="alpha/sqrt(b)")
+    assert (cfg.rank_sampling, cfg.rank_list, cfg.ranks_per_step) == ("list", [8], 1)
+    assert inference_config(cfg).scale == "constant" and inference_config(cfg).method == "svd"
+    assert inference_config(QDyLoRAConfig(r_max=8, scale="alpha/sqrt(b)")).scale == "alpha/sqrt(b)"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"scale": "alpha*b"}, "scale must be one of"), ({"method": "magic"}, "method must be one of"),
+    ({"ranks_per_step": 0}, "ranks_per_step"), ({"extra_ranks": "all"}, "extra_ranks"),
+    ({"distill": 0.5}, "distill needs extra_ranks"), ({"distill": 1.5, "extra_ranks": "max"}, "distill must be a finite number in"),
+    ({"update": "frozen", "ranks_per_step": 2}, "frozen"), ({"alpha": float("inf")}, "alpha"),
+])
+def test_method_option_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QDyLoRAConfig(**kwargs)

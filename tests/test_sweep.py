@@ -52,6 +52,12 @@ def test_sweep_writes_summary_per_prompt_and_recommendation(run_dir, tmp_path):
     assert len({round(float(r["ref_nll"]), 6) for r in summary}) == 4
     per_prompt = read_csv(tmp_path / "sweep" / "per_prompt.csv")
     assert len(per_prompt) == 16 and {"answer", "rouge_l", "fact_recall", "similarity"} <= set(per_prompt[0])
+    facts = {r["id"]: json.loads(r["must_include"]) for r in per_prompt if r["rank"] == "1"}
+    assert facts["e001"] == ["Leipzig", "2017"]                # the facts travel with the answers
+    for row in summary:                                        # latency medians come with their spread
+        assert float(row["ms_per_token_lo"]) <= float(row["ms_per_token"]) <= float(row["ms_per_token_hi"])
+        assert float(row["ms_per_token_merged_lo"]) <= float(row["ms_per_token_merged_hi"])
+        assert int(row["latency_runs"]) == 1 and float(row["merged_mb"]) > 0
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert sweep["config"]["ranks"] == [0, 1, 2, 4]
     assert sweep["recommendation"]["metric"] == "ref_nll" and "reason" in sweep["recommendation"]
@@ -125,11 +131,42 @@ def test_recommendation_can_be_redone_without_rerunning(run_dir, tmp_path):
     out = tmp_path / "sweep"
     run_sweep(quick(run_dir, out, latency=False, metrics=["ref_nll", "fact_recall"]))
     before = (out / "summary.csv").read_text()
-    strict = recommend_from_sweep(out, "ref_nll", 1.0)
-    assert strict.rank == strict.best_rank
-    loose = recommend_from_sweep(out, "ref_nll", 0.01)
-    assert loose.rank == min(loose.acceptable_ranks) and loose.rank <= strict.rank
+    import pandas as pd
+
+    from core.evaluation.recommend import recommend_rank
+
+    per_prompt = pd.read_csv(out / "per_prompt.csv")
+    for threshold in (1.0, 0.5):
+        redone = recommend_from_sweep(out, "fact_recall", threshold)
+        assert redone.reason == recommend_rank(per_prompt, "fact_recall", threshold, n_resamples=200).reason
+    saved = json.loads((out / "sweep.json").read_text())["recommendation"]
+    assert saved["reason"] == recommend_from_sweep(out, "ref_nll", 0.95).reason   # the sweep's resamples and seed
     with pytest.raises(UserError, match="did not measure rouge_l"):
         recommend_from_sweep(out, "rouge_l", 0.9)
     assert main(["recommend", "--sweep", str(out), "--threshold", "1.0"]) == 0
     assert (out / "summary.csv").read_text() == before
+
+
+def test_several_named_sets_are_reported_apart(run_dir, tmp_path, cli_in_process):
+    """Two files (or a `set` field) → per-prompt `set` and summary_by_set.csv per (set, rank)."""
+    reworded = ROOT / "sample_data" / "eval_reworded.jsonl"
+    out = tmp_path / "sweep"
+    code, err = cli_in_process("sweep", "--run", str(run_dir), "--prompts", str(EVAL), str(reworded), "--ranks", "0,2",
+                               "--metrics", "ref_nll,fact_recall", "--max-new-tokens", "4", "--latency", "off",
+                               "--out", str(out), "--no-progress")
+    assert code == 0, err
+    per_prompt = read_csv(out / "per_prompt.csv")
+    assert {r["set"] for r in per_prompt} == {"FAQ recall", "new wordings"} and len(per_prompt) == 2 * (66 + 48)
+    by_set = read_csv(out / "summary_by_set.csv")
+    assert [(r["set"], r["rank"]) for r in by_set] == [("FAQ recall", "0"), ("FAQ recall", "2"), ("new wordings", "0"), ("new wordings", "2")]
+    overall = {r["rank"]: float(r["ref_nll"]) for r in read_csv(out / "summary.csv")}
+    for rank in ("0", "2"):   # the overall NLL is the token-weighted mean of the sets' NLLs
+        parts = [(r, [p for p in per_prompt if p["rank"] == rank and p["set"] == r["set"]]) for r in by_set if r["rank"] == rank]
+        tokens = [sum(int(p["ref_tokens"]) for p in ps) for _, ps in parts]
+        mixed = sum(float(r["ref_nll"]) * t for (r, _), t in zip(parts, tokens)) / sum(tokens)
+        assert mixed == pytest.approx(overall[rank], rel=1e-9)
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["prompts"] == [str(EVAL), str(reworded)]
+    single = tmp_path / "single"
+    run_sweep(quick(run_dir, single, latency=False, metrics=["ref_nll"], prompts=str(ROOT / "sample_data" / "eval.csv")))
+    assert not (single / "summary_by_set.csv").exists()

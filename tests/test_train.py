@@ -180,3 +180,153 @@ def test_training_at_one_fixed_rank_equals_a_peft_lora_run_of_that_rank(tiny_mod
         assert torch.equal(layer.lora_A[2:], initial[name][0][2:]) and torch.equal(layer.lora_B[:, 2:], initial[name][1][:, 2:])
         assert not torch.equal(layer.lora_A[:2], initial[name][0][:2])
     trainer.cleanup()
+
+
+# --- several ranks per step, the sandwich rule, SVD truncation, refine (issue 9) ---
+
+def test_several_ranks_per_step_train_each_group_at_its_rank(tiny_model_dir, small_train_file, tmp_path):
+    events = []
+    result = train(tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", batch_size=4, ranks_per_step=4,
+                            scale="alpha/sqrt(b)"), on_event=events.append)
+    assert result.status == "completed"
+    steps = [e for e in events if e["event"] == "step"]
+    assert all(len(e["ranks"]) == 4 and e["rank"] == max(e["ranks"]) for e in steps)
+    assert all([(b - 1) // 2 for b in e["ranks"]] == [0, 1, 2, 3] for e in steps)  # one per quarter of 1..8
+    histogram = json.loads((tmp_path / "run" / "rank_histogram.json").read_text())
+    assert sum(histogram.values()) == 4 * 4
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["qdylora"]["ranks_per_step"] == 4 and config["qdylora"]["scale"] == "alpha/sqrt(b)"
+
+
+def test_ranks_per_step_cannot_exceed_the_examples_of_a_step(tmp_path):
+    with pytest.raises(UserError, match="ranks_per_step"):
+        tiny_cfg("m", "d", tmp_path, batch_size=2, grad_accum=1, ranks_per_step=3)
+
+
+def test_step_ranks_split_the_step_examples_into_groups(tiny_model_dir, small_train_file, tmp_path):
+    from core.train import Trainer
+
+    trainer = Trainer(tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", batch_size=3, grad_accum=2, ranks_per_step=3))
+    assert trainer.step_ranks([1, 5, 8]) == [[1, 1, 5], [5, 8, 8]]
+    assert trainer.step_ranks([6]) == [[6, 6, 6], [6, 6, 6]]
+
+
+@pytest.mark.parametrize("extra,distill", [("max", 0.0), ("min_max", 0.5)])
+def test_sandwich_rule_trains_every_row_each_step(tiny_model_dir, small_train_file, tmp_path, extra, distill):
+    import torch
+
+    from core.qdylora import qdylora_layers
+    from core.train import Trainer
+
+    cfg = tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", rank_sampling="list", rank_list=[2],
+                   extra_ranks=extra, distill=distill, dropout=0.0)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    layer = next(iter(qdylora_layers(trainer.model).values()))
+    before = layer.lora_B.detach().clone()  # B starts at zero, so the first step moves B (A's gradient is zero)
+    loss, _ = trainer.train_step([2])
+    moved = (layer.lora_B.detach() - before).abs().sum(dim=0) > 0
+    assert bool(moved.all()), "the r_max pass must train rows beyond the sampled rank"
+    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    trainer.cleanup()
+
+
+def test_distillation_loss_is_zero_for_identical_predictions_and_positive_otherwise():
+    import torch
+
+    from core.train import distillation_loss
+
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    assert distillation_loss(logits, logits, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(2, 5, 11), labels).item() > 0
+
+
+def _completed_run(tiny_model_dir, small_train_file, out, **overrides):
+    from tests.helpers import randomize_adapter_b
+
+    train(tiny_cfg(tiny_model_dir, small_train_file, out, steps=1, **overrides))
+    randomize_adapter_b(out)
+    return out
+
+
+def test_svd_run_serves_each_rank_as_the_best_approximation_of_its_update(tiny_model_dir, small_train_file, tmp_path):
+    import torch
+
+    from core.qdylora import qdylora_layers
+    from core.runs import load_run
+
+    run = _completed_run(tiny_model_dir, small_train_file, tmp_path / "run", method="svd", scale="alpha/sqrt(b)")
+    config = json.loads((run / "config.json").read_text())
+    assert config["qdylora"]["rank_list"] == [8] and config["qdylora"]["method"] == "svd"
+    assert json.loads((run / "rank_histogram.json").read_text()) == {"8": 1}
+    raw = load_file(str(run / "adapter" / "adapter.safetensors"))
+    loaded = load_run(run)
+    assert loaded.qcfg.scale == "constant"
+    for name, layer in list(qdylora_layers(loaded.model).items())[:3]:
+        full = (16.0 / 8 ** 0.5) * raw[f"{name}.lora_B"].double() @ raw[f"{name}.lora_A"].double()
+        u, s, vh = torch.linalg.svd(full, full_matrices=False)
+        for b in (1, 3, 8):
+            best = (u[:, :b] * s[:b]) @ vh[:b]
+            torch.testing.assert_close(layer.delta_weight(b).double(), best, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("parent_kwargs", [{"scale": "constant"}, {"scale": "alpha/b"}, {"method": "svd"}],
+                         ids=["constant", "alpha_b", "svd"])
+def test_refine_starts_from_exactly_the_parent_rank(tiny_model_dir, small_train_file, tmp_path, parent_kwargs):
+    import torch
+
+    from core.qdylora import inject_qdylora, set_rank
+    from core.qdylora.inject import load_adapter_state_dict
+    from core.refine import refine_config, warm_start_state
+    from core.runs import encode_prompts, load_run
+
+    parent = _completed_run(tiny_model_dir, small_train_file, tmp_path / "parent", **parent_kwargs)
+    cfg = refine_config(parent, 3, steps=2, out=tmp_path / "refined", lr=5e-4)
+    assert (cfg.r_max, cfg.rank_list, cfg.init_rank, cfg.lr, cfg.steps) == (3, [3], 3, 5e-4, 2)
+    ours = load_run(parent)
+    set_rank(ours.model, 3)
+    from core.models import load_base_model
+
+    fresh, tokenizer, _ = load_base_model(cfg.model_spec())
+    inject_qdylora(fresh, cfg.qdylora_config())
+    load_adapter_state_dict(fresh, warm_start_state(parent, 3, cfg.qdylora_config()))
+    fresh.eval()
+    batch = encode_prompts(tokenizer, ["What is item 3?"], "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, ours.model(**batch).logits, atol=1e-5, rtol=1e-5)
+    result = train(cfg)
+    assert result.status == "completed"
+    refined = json.loads((tmp_path / "refined" / "config.json").read_text())
+    assert refined["train"]["init_from"] == str(parent) and refined["qdylora"]["r_max"] == 3
+
+
+def test_refine_refuses_bad_requests_before_writing_anything(tiny_model_dir, small_train_file, tmp_path):
+    from core.refine import refine_config
+
+    parent = _completed_run(tiny_model_dir, small_train_file, tmp_path / "parent")
+    for rank in (0, 9):
+        with pytest.raises(UserError, match="1..8"):
+            refine_config(parent, rank, steps=2, out=tmp_path / "new")
+    cut = tmp_path / "cut"
+    train(tiny_cfg(tiny_model_dir, small_train_file, cut, steps=4), should_stop=lambda: True)
+    with pytest.raises(UserError, match="has not finished"):
+        train(refine_config(cut, 2, steps=2, out=tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_refine_reads_the_adapter_where_training_writes_it():
+    from core.qdylora.inject import ADAPTER_FILE
+    from core.refine import ADAPTER_PATH
+    from core.train import ADAPTER_DIR
+
+    assert ADAPTER_PATH == (ADAPTER_DIR, ADAPTER_FILE)
+
+
+def test_the_torch_free_run_config_check_names_the_resolved_model_fields():
+    from dataclasses import fields
+
+    from core.models import ResolvedModel
+    from core.train_config import RESOLVED_MODEL_FIELDS
+
+    assert tuple(f.name for f in fields(ResolvedModel)) == RESOLVED_MODEL_FIELDS

@@ -92,8 +92,12 @@ def test_csv_with_mapping_and_separate_eval(tmp_path):
 def test_sample_dataset_is_made_once(tmp_path):
     a = wd.ensure_sample_dataset(tmp_path)
     b = wd.ensure_sample_dataset(tmp_path)
-    assert a.id == b.id == wd.SAMPLE_DATASET and a.sample and (a.n_train, a.n_eval) == (343, 66)
+    assert a.id == b.id == wd.SAMPLE_DATASET and a.sample and (a.n_train, a.n_eval) == (343, 66 + 48)
     assert stored(tmp_path) == [wd.SAMPLE_DATASET]
+    from core.data import load_eval_set
+
+    sets = [it.set for it in load_eval_set(a.eval_path).items]   # both sets, interleaved
+    assert sets[:4] == ["FAQ recall", "new wordings"] * 2 and sets.count("new wordings") == 48
 
 
 def test_upload_limit_from_environment(monkeypatch):

@@ -69,15 +69,20 @@ def _normalize(text: str) -> str:
     return _SPACE_RE.sub(" ", text).strip().casefold()
 
 
-def fact_recall(answer: str, must_include: Sequence[str]) -> float | None:
-    """Share of `must_include` items found in `answer` as substrings, ignoring case and
-    collapsing runs of whitespace. None when there is nothing to check (empty list, or
-    only blank items)."""
-    facts = [f for f in (_normalize(x) for x in must_include) if f]
-    if not facts:
-        return None
+def fact_hits(answer: str, must_include: Sequence[str]) -> list[tuple[str, bool]]:
+    """(fact, found) for each non-blank `must_include` item: found as a substring of
+    `answer`, ignoring case and collapsing runs of whitespace."""
     text = _normalize(answer or "")
-    return sum(f in text for f in facts) / len(facts)
+    return [(str(x).strip(), _normalize(x) in text) for x in must_include if _normalize(str(x))]
+
+
+def fact_recall(answer: str, must_include: Sequence[str]) -> float | None:
+    """Share of `must_include` items found in `answer` (see `fact_hits`). None when there
+    is nothing to check (empty list, or only blank items)."""
+    hits = fact_hits(answer, must_include)
+    if not hits:
+        return None
+    return sum(found for _, found in hits) / len(hits)
 
 
 # -------------------------------------------------------------------- perplexity

@@ -1,8 +1,10 @@
-"""A sweep's summary.csv read back: one checked table, or a message that says what is wrong.
+"""A sweep's summary.csv and per_prompt.csv read back: one checked table each, or a
+message that says what is wrong.
 
 Everything that reads finished sweeps (export's rank card, `qdylora recommend`, the
-dashboard) goes through `read_summary`, so a damaged or hand-edited file is reported the
-same way everywhere instead of surfacing as a traceback in one of them. Torch-free.
+dashboard) goes through `read_summary` / `read_per_prompt`, so a damaged or hand-edited
+file is reported the same way everywhere instead of surfacing as a traceback in one of
+them. Torch-free.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import pandas as pd
 from core.errors import UserError
 
 SUMMARY_FILE = "summary.csv"
+PER_PROMPT_FILE = "per_prompt.csv"
+# the per-prompt columns that hold numbers (the rest are texts: id, prompt, answer, ...)
+PER_PROMPT_NUMBERS = ("rank", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity")
 
 
 def _number(text: str) -> float | None:
@@ -27,15 +32,14 @@ def _number(text: str) -> float | None:
     return value
 
 
-def read_summary(sweep_dir: str | Path) -> pd.DataFrame:
-    """summary.csv of a sweep as a table sorted by rank (ranks are ints, every other column
-    numeric, empty cells NaN). UserError naming the file, the row and the problem otherwise."""
-    folder = Path(sweep_dir)
-    path = folder / SUMMARY_FILE
+def _read_rows(folder: Path, name: str) -> tuple[Path, list[str], list[list[str]]]:
+    """Header and non-blank rows of the CSV `name` in a sweep folder, with a 'rank' column;
+    UserError naming the file and what is wrong otherwise."""
+    path = folder / name
     if not folder.is_dir():
         raise UserError(f"sweep folder {folder} does not exist")
     if not path.is_file():
-        raise UserError(f"{folder} is not a sweep folder with results (no {SUMMARY_FILE})")
+        raise UserError(f"{folder} is not a sweep folder with results (no {name})")
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh, strict=True))
@@ -52,12 +56,21 @@ def read_summary(sweep_dir: str | Path) -> pd.DataFrame:
         raise UserError(f"{path} is damaged: it has no 'rank' column")
     if not body:
         raise UserError(f"{path} has no measured rank (resume or re-run the sweep)")
-    table: dict[str, list] = {h: [] for h in header}
-    seen: set[int] = set()
     for n, row in enumerate(body, start=1):
         if len(row) != len(header):
             raise UserError(f"{path} is damaged: row {n} has {len(row)} values for {len(header)} columns")
+    return path, header, body
+
+
+def _table(path: Path, header: list[str], body: list[list[str]], numeric) -> dict[str, list]:
+    """Columns of the rows; the `numeric` ones (all when None) as numbers, NaN for empty
+    cells, ranks as ints >= 0."""
+    table: dict[str, list] = {h: [] for h in header}
+    for n, row in enumerate(body, start=1):
         for name, text in zip(header, row):
+            if numeric is not None and name not in numeric:
+                table[name].append(text)
+                continue
             try:
                 value = _number(text)
             except ValueError:
@@ -67,9 +80,34 @@ def read_summary(sweep_dir: str | Path) -> pd.DataFrame:
             if name == "rank":
                 if value is None or not value >= 0 or value != int(value):
                     raise UserError(f"{path} is damaged: row {n} has rank {text!r}, not a whole number >= 0")
-                if int(value) in seen:
-                    raise UserError(f"{path} is damaged: rank {int(value)} appears twice")
-                seen.add(int(value))
                 value = int(value)
             table[name].append(math.nan if value is None else value)
+    return table
+
+
+def read_summary(sweep_dir: str | Path) -> pd.DataFrame:
+    """summary.csv of a sweep as a table sorted by rank (ranks are ints, every other column
+    numeric, empty cells NaN). UserError naming the file, the row and the problem otherwise."""
+    path, header, body = _read_rows(Path(sweep_dir), SUMMARY_FILE)
+    table = _table(path, header, body, None)
+    seen: set[int] = set()
+    for rank in table["rank"]:
+        if rank in seen:
+            raise UserError(f"{path} is damaged: rank {rank} appears twice")
+        seen.add(rank)
     return pd.DataFrame(table).sort_values("rank").reset_index(drop=True)
+
+
+def read_per_prompt(sweep_dir: str | Path) -> pd.DataFrame:
+    """per_prompt.csv of a sweep (one row per rank and prompt): rank as int, the scores as
+    numbers (NaN when empty), the texts as written. UserError naming the file, the row and
+    the problem otherwise."""
+    path, header, body = _read_rows(Path(sweep_dir), PER_PROMPT_FILE)
+    table = _table(path, header, body, PER_PROMPT_NUMBERS)
+    if "id" in table:
+        seen: set[tuple[int, str]] = set()
+        for key in zip(table["rank"], table["id"]):
+            if key in seen:
+                raise UserError(f"{path} is damaged: rank {key[0]} of prompt {key[1]!r} appears twice")
+            seen.add(key)
+    return pd.DataFrame(table)

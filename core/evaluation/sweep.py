@@ -7,6 +7,7 @@ measured and `--resume` continues with the ranks that are missing.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
@@ -34,8 +35,14 @@ SUMMARY_COLUMNS = [
     "fact_recall", "fact_recall_lo", "fact_recall_hi", "similarity", "similarity_lo", "similarity_hi",
     "ttft_ms", "ms_per_token", "tokens_per_s", "ttft_ms_merged", "ms_per_token_merged", "tokens_per_s_merged",
     "adapter_params", "adapter_mb", "base_mb", "peak_mem_mb", "eval_s",
+    # spread of the latency medians: fastest and slowest timed generation
+    "ttft_ms_lo", "ttft_ms_hi", "ms_per_token_lo", "ms_per_token_hi",
+    "ttft_ms_merged_lo", "ttft_ms_merged_hi", "ms_per_token_merged_lo", "ms_per_token_merged_hi",
+    "merged_mb", "latency_runs",
 ]
-PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall", "similarity"]
+PER_PROMPT_COLUMNS = ["rank", "id", "prompt", "reference", "answer", "ref_nll", "ref_tokens", "rouge_l", "fact_recall",
+                      "similarity", "must_include", "set"]
+BY_SET_FILE = "summary_by_set.csv"   # written when the prompts form several named sets
 RANKS_DIR = "ranks"
 log = logging.getLogger("rank_studio.sweep")
 
@@ -73,7 +80,7 @@ class SweepConfig(ConfigDict):
     """Everything that decides a sweep; saved resolved in the sweep folder."""
 
     run: str = field(metadata={"help": "Training run folder to evaluate."})
-    prompts: str = field(metadata={"help": "Evaluation set (JSONL or CSV) with prompt, reference, optional id and must_include."})
+    prompts: str | list[str] = field(metadata={"help": "Evaluation set (JSONL or CSV) with prompt, reference, optional id, must_include and set; or a list of such files, each a named set."})
     out: str = field(metadata={"help": "Sweep folder to create (missing or empty; existing with resume)."})
     ranks: list[int] | None = field(default=None, metadata={"help": "Ranks to measure; 0 = base model. None = 0 and powers of two up to r_max."})
     prompt_col: str = field(default="prompt", metadata={"help": "Column/key of the prompt."})
@@ -88,7 +95,7 @@ class SweepConfig(ConfigDict):
     latency_repeats: int = field(default=3, metadata={"help": "Timed repeats per latency prompt (median taken after one warm-up)."})
     latency_prompts: int = field(default=2, metadata={"help": "How many prompts latency is measured on (batch size 1)."})
     latency_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per latency measurement."})
-    recommend_metric: str | None = field(default=None, metadata={"help": "Metric the recommendation uses, one of `metrics` (changeable later without re-running); None = ref_nll when measured, else the first of `metrics`."})
+    recommend_metric: str | None = field(default=None, metadata={"help": "Metric the recommendation uses, one of `metrics` (changeable later without re-running); None = the default deciding metric among `metrics` (ref_nll when measured)."})
     threshold: float = field(default=0.95, metadata={"help": "Share of the best rank's score a rank must reach."})
     n_bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
     seed: int = field(default=0, metadata={"help": "Seed for the bootstrap."})
@@ -107,7 +114,9 @@ class SweepConfig(ConfigDict):
         if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
             problems.append(f"max_prompts must be a positive integer, got {self.max_prompts!r}")
         if self.recommend_metric is None:
-            self.recommend_metric = "ref_nll" if "ref_nll" in self.metrics or unknown or not self.metrics else self.metrics[0]
+            from core.evaluation.recommend import DEFAULT_METRIC, default_metric
+
+            self.recommend_metric = (default_metric(self.metrics)[0] if self.metrics and not unknown else None) or DEFAULT_METRIC
         if self.recommend_metric not in QUALITY_METRICS:
             problems.append(f"recommend metric must be one of {', '.join(QUALITY_METRICS)}")
         elif self.recommend_metric not in self.metrics and self.metrics and not unknown:
@@ -122,13 +131,17 @@ class SweepConfig(ConfigDict):
     @classmethod
     def from_cli(cls, args) -> "SweepConfig":
         return cls(
-            run=args.run or "", prompts=args.prompts or "", out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
+            run=args.run or "", prompts=_one_or_list(args.prompts or [""]), out=args.out, ranks=args.ranks, prompt_col=args.prompt_col,
             reference_col=args.reference_col, id_col=args.id_col, must_include_col=args.must_include_col,
             metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], max_new_tokens=args.max_new_tokens,
             max_prompts=args.max_prompts, batch_size=args.batch_size, latency=args.latency == "on",
             latency_repeats=args.latency_repeats, recommend_metric=args.recommend_metric,
             threshold=args.threshold, seed=args.seed,
         )
+
+
+def _one_or_list(paths: list[str]) -> str | list[str]:
+    return paths[0] if len(paths) == 1 else paths
 
 
 @dataclass
@@ -192,8 +205,10 @@ def _timed_generate(model, inputs, new_tokens: int, pad_token_id: int) -> TokenC
     return clock
 
 
-def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int) -> dict:
-    """Median time to first token and per later token at batch size 1, after a warm-up.
+def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int, suffix: str = "") -> dict:
+    """Median time to first token and per later token at batch size 1, after a warm-up,
+    with the fastest and slowest timed generation as `_lo` / `_hi` (keys get `suffix`,
+    e.g. "_merged", before those) and the number of timed generations.
 
     Times come from one generation each: TTFT is when the first new token exists
     (prefill + one step); the per-token time is the mean gap between later tokens.
@@ -211,8 +226,10 @@ def measure_latency(model, tokenizer, prompts: list[str], new_tokens: int, repea
             ttfts.append((clock.times[0] - clock.start) * 1000)
             per_token.append((clock.times[-1] - clock.times[0]) * 1000 / (len(clock.times) - 1))
     ms_per_token = statistics.median(per_token)
-    return {"ttft_ms": statistics.median(ttfts), "ms_per_token": ms_per_token,
-            "tokens_per_s": 1000.0 / ms_per_token if ms_per_token > 0 else math.nan}
+    out = {"tokens_per_s" + suffix: 1000.0 / ms_per_token if ms_per_token > 0 else math.nan, "latency_runs": len(per_token)}
+    for name, times in (("ttft_ms", ttfts), ("ms_per_token", per_token)):
+        out.update({name + suffix: statistics.median(times), f"{name}{suffix}_lo": min(times), f"{name}{suffix}_hi": max(times)})
+    return out
 
 
 class MergedModel:
@@ -277,6 +294,16 @@ def summarize_rank(rank: int, rows: list[dict], metrics: list[str], cfg: SweepCo
     return summary
 
 
+def summaries_by_set(results: dict[int, dict], cfg: SweepConfig) -> list[dict]:
+    """Quality per (named set, rank) when the prompts form more than one set; [] otherwise."""
+    sets = list(dict.fromkeys(row.get("set", "") for b in sorted(results) for row in results[b]["rows"]))
+    if len(sets) < 2:
+        return []
+    metrics = [m for m in cfg.metrics if any(m in row for b in results for row in results[b]["rows"])]
+    return [{"set": name} | summarize_rank(b, [r for r in results[b]["rows"] if r.get("set", "") == name], metrics, cfg)
+            for name in sets for b in sorted(results)]
+
+
 def write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -305,13 +332,18 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
     ranks = sorted(results)
     summary = [results[b]["summary"] for b in ranks]
+    per_prompt = [row for b in ranks for row in results[b]["rows"]]
     write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
-    write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, [row for b in ranks for row in results[b]["rows"]])
+    write_table(out / "per_prompt.csv", PER_PROMPT_COLUMNS, per_prompt)
+    by_set = summaries_by_set(results, cfg)
+    if by_set:
+        write_table(out / BY_SET_FILE, ["set", *SUMMARY_COLUMNS[:SUMMARY_COLUMNS.index("ttft_ms")]], by_set)
     recommendation = None
     metric = cfg.recommend_metric if cfg.recommend_metric in cfg.metrics else cfg.metrics[0]
     if any(b > 0 for b in ranks):
         try:
-            recommendation = recommend_rank(summary, metric, cfg.threshold).to_dict()
+            recommendation = recommend_rank(per_prompt, metric, cfg.threshold, n_resamples=cfg.n_bootstrap,
+                                            seed=cfg.seed).to_dict()
             recommendation.pop("table", None)
         except ValueError as exc:
             notes = notes + [f"no recommendation: {exc}"]
@@ -323,15 +355,24 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
 
 def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
-    """Recommendation from a sweep's summary.csv with any metric and threshold, no re-run."""
+    """Recommendation from a sweep's per_prompt.csv with any metric and threshold, no re-run."""
     from core.evaluation.recommend import recommend_rank
-    from core.evaluation.summary import read_summary
+    from core.evaluation.summary import read_per_prompt
 
-    summary = read_summary(sweep_dir)
-    if metric not in summary.columns or summary[metric].isna().all():
+    per_prompt = read_per_prompt(sweep_dir)
+    if metric not in per_prompt.columns or per_prompt[metric].isna().all():
         raise UserError(f"sweep {sweep_dir} did not measure {metric}")
+    saved = (read_json_object(Path(sweep_dir) / "config.json") or {}).get("config")
+    saved = saved if isinstance(saved, dict) else {}
+
+    def setting(name: str, default: int) -> int:
+        value = saved.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
     try:
-        return recommend_rank(summary, metric, threshold)
+        # the sweep's own resamples and seed, so the same question gets the sweep's answer
+        return recommend_rank(per_prompt, metric, threshold, n_resamples=max(1, setting("n_bootstrap", 2000)),
+                              seed=setting("seed", 0))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -374,7 +415,7 @@ class Sweep:
 
     def validate(self) -> None:
         """Every check that needs no model, before anything is written."""
-        from core.data import load_eval_set
+        from core.data import load_eval_sets
         from core.runs import run_info
 
         check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
@@ -391,8 +432,8 @@ class Sweep:
         self.r_max = info["config"]["qdylora"]["r_max"]
         self.ranks = parse_ranks(self.cfg.ranks, self.r_max)
         self.cfg.ranks = self.ranks
-        eval_set = load_eval_set(self.cfg.prompts, prompt_col=self.cfg.prompt_col, reference_col=self.cfg.reference_col,
-                                 id_col=self.cfg.id_col, must_include_col=self.cfg.must_include_col)
+        eval_set = load_eval_sets(self.cfg.prompts, prompt_col=self.cfg.prompt_col, reference_col=self.cfg.reference_col,
+                                  id_col=self.cfg.id_col, must_include_col=self.cfg.must_include_col)
         self.items = eval_set.items[: self.cfg.max_prompts] if self.cfg.max_prompts else eval_set.items
         if not self.items:
             raise UserError(f"{self.cfg.prompts}: no evaluation prompts")
@@ -458,9 +499,9 @@ class Sweep:
                 return None
             merged = self._merged_model()
             merged.set_rank(rank)
-            lat = measure_latency(merged.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
-                                  cfg.latency_new_tokens, cfg.latency_repeats)
-            summary.update({f"{k}_merged": v for k, v in lat.items()})
+            summary.update(measure_latency(merged.model, loaded.tokenizer, [it.prompt for it in self.items[: cfg.latency_prompts]],
+                                           cfg.latency_new_tokens, cfg.latency_repeats, suffix="_merged"))
+            summary["merged_mb"] = model_footprint_bytes(merged.model) / 2**20
             memory.sample()
         params = adapter_param_count(loaded.model, rank)
         summary.update(adapter_params=params, adapter_mb=params * 4 / 2**20, base_mb=self.base_mb,
@@ -477,7 +518,10 @@ class Sweep:
         from core.runs import generate
 
         loaded = self.loaded
-        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference} for it in chunk]
+        rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference,
+                 "must_include": json.dumps(list(it.must_include), ensure_ascii=False) if it.must_include else "",
+                 "set": it.set}
+                for it in chunk]
         if "ref_nll" in self.metrics:
             for row, (nll_sum, count) in zip(rows, measure_nll(loaded.model, loaded.tokenizer, chunk, self.cfg.batch_size)):
                 row["ref_nll"] = nll_sum / count if count else math.nan

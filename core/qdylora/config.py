@@ -1,19 +1,27 @@
-"""Configuration of the QDyLoRA method (what is adapted, how ranks are drawn)."""
+"""Configuration of the QDyLoRA method (what is adapted, how ranks are drawn and scaled)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from core.config_io import ConfigDict
 from core.validation import number_problem
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
+SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant")
+EXTRA_RANKS_CHOICES = ("none", "max", "min_max")
+METHOD_CHOICES = ("qdylora", "svd")
+# Runs written before the scale rule existed were trained with DyLoRA's alpha/b.
+LEGACY_SCALE = "alpha/b"
+# An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
+INFERENCE_SCALE_OF_SVD = "constant"
 
 
 @dataclass
 class QDyLoRAConfig(ConfigDict):
     r_max: int = field(default=64, metadata={"help": "Largest rank trained; one run serves every rank 1..r_max."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the adapter is scaled by alpha/b at active rank b."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the adapter's scale at rank b is computed from it by the scale rule."})
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input during training (0 disables)."})
     target_modules: list[str] | None = field(
         default=None,
@@ -21,38 +29,108 @@ class QDyLoRAConfig(ConfigDict):
     )
     rank_sampling: str = field(
         default="uniform",
-        metadata={"help": "How b is drawn each optimizer step: uniform over 1..r_max, pow2 (uniform over powers of two <= r_max), low (p ~ 1/b), high (p ~ b), list (uniform over rank_list)."},
+        metadata={"help": "How b is drawn: uniform over 1..r_max, pow2 (uniform over powers of two <= r_max), low (p ~ 1/b), high (p ~ b), list (uniform over rank_list)."},
     )
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks to draw from when rank_sampling is 'list'."})
     update: str = field(
         default="full",
         metadata={"help": "full: rows 1..b of A and columns of B all learn (QDyLoRA); frozen: only row/column b learns (DyLoRA's nested-dropout default)."},
     )
+    scale: str = field(
+        default="alpha/b",
+        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum)."},
+    )
+    ranks_per_step: int = field(
+        default=1,
+        metadata={"help": "Ranks trained per optimizer step: 1 = one b for the whole step (DyLoRA); k > 1 = the step's examples are split into k groups, each at its own b, drawn stratified over the sampling distribution (same cost as one rank)."},
+    )
+    extra_ranks: str = field(
+        default="none",
+        metadata={"help": "Sandwich rule: besides the sampled rank(s), every step also trains at r_max ('max') or at 1 and r_max ('min_max'), each an extra forward/backward pass."},
+    )
+    distill: float = field(
+        default=0.0,
+        metadata={"help": "With extra_ranks, weight in [0, 1] of a KL term pulling the sampled rank's predictions toward r_max's (detached) ones; 0 = plain loss only."},
+    )
+    method: str = field(
+        default="qdylora",
+        metadata={"help": "qdylora: one run trains every rank, rank b uses the first b rows. svd: one dedicated LoRA run at r_max; rank b is the best rank-b approximation (SVD) of each layer's update."},
+    )
 
     def __post_init__(self):
+        if self.method == "svd":
+            # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
+            self.rank_sampling, self.rank_list, self.ranks_per_step, self.extra_ranks, self.distill = (
+                "list", [self.r_max] if isinstance(self.r_max, int) else None, 1, "none", 0.0)
         problems = []
-        if not isinstance(self.r_max, int) or self.r_max < 1:
+        if isinstance(self.r_max, bool) or not isinstance(self.r_max, int) or self.r_max < 1:
             problems.append(f"r_max must be a positive integer, got {self.r_max!r}")
-        problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True)])
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.rank_sampling not in RANK_SAMPLING_CHOICES:
-            problems.append(f"rank_sampling must be one of {', '.join(RANK_SAMPLING_CHOICES)}, got {self.rank_sampling!r}")
-        if self.update not in UPDATE_CHOICES:
-            problems.append(f"update must be one of {', '.join(UPDATE_CHOICES)}, got {self.update!r}")
+        problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True),
+                                  number_problem("dropout", self.dropout, lo=0, hi=1, hi_open=True)])
+        for name, value, choices in (("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("update", self.update, UPDATE_CHOICES),
+                                     ("scale", self.scale, SCALE_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES),
+                                     ("method", self.method, METHOD_CHOICES)):
+            if value not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.rank_sampling == "list":
             if not self.rank_list:
                 problems.append("rank_sampling 'list' needs a non-empty rank_list")
-            elif isinstance(self.r_max, int) and any(not isinstance(b, int) or not 1 <= b <= self.r_max for b in self.rank_list):
+            elif isinstance(self.r_max, int) and any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.r_max for b in self.rank_list):
                 problems.append(f"rank_list entries must be integers in 1..r_max={self.r_max}, got {self.rank_list}")
         if self.target_modules is not None and not self.target_modules:
             problems.append("target_modules must be None (all linear layers) or a non-empty list")
+        if isinstance(self.ranks_per_step, bool) or not isinstance(self.ranks_per_step, int) or self.ranks_per_step < 1:
+            problems.append(f"ranks_per_step must be a positive integer, got {self.ranks_per_step!r}")
+        distill_problem = number_problem("distill", self.distill, lo=0, hi=1)
+        if distill_problem:
+            problems.append(distill_problem)
+        elif self.distill > 0 and self.extra_ranks == "none":
+            problems.append("distill needs extra_ranks 'max' or 'min_max' (the r_max pass is the teacher)")
+        if self.update == "frozen" and (self.ranks_per_step != 1 or self.extra_ranks != "none"):
+            problems.append("update 'frozen' trains one rank per step: use ranks_per_step 1 and extra_ranks 'none'")
         if problems:
             raise ValueError("; ".join(problems))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "QDyLoRAConfig":
+        return super().from_dict({"scale": LEGACY_SCALE} | data if isinstance(data, dict) else data)
 
-def lora_scale(alpha: float, rank: int) -> float:
-    """The one place the adapter scale is computed: alpha / b (DyLoRA, PEFT without rsLoRA)."""
+    def scale_at(self, rank: int) -> float:
+        return lora_scale(self.alpha, rank, self.scale, self.r_max)
+
+
+def inference_config(cfg: QDyLoRAConfig) -> QDyLoRAConfig:
+    """The config that describes the adapter as it is used after training (scale rule included)."""
+    if cfg.method == "svd":
+        return replace(cfg, scale=INFERENCE_SCALE_OF_SVD)
+    return cfg
+
+
+def lora_scale(alpha: float, rank: int, rule: str = "alpha/b", r_max: int | None = None) -> float:
+    """The one place the adapter scale at active rank b is computed (training, inference, merge, export).
+
+    alpha/b: DyLoRA and PEFT's default; alpha/sqrt(b): rsLoRA (PEFT use_rslora); constant:
+    alpha/sqrt(r_max) at every b (rsLoRA's scale at the full rank), so rank b's update is the
+    sum of the first b rank-one terms, as in a truncated SVD.
+    """
     if rank <= 0:
         return 0.0
-    return float(alpha) / float(rank)
+    if rule == "alpha/b":
+        return float(alpha) / float(rank)
+    if rule == "alpha/sqrt(b)":
+        return float(alpha) / math.sqrt(rank)
+    if rule == "constant":
+        if r_max is None:
+            raise ValueError("the constant scale rule needs r_max")
+        return float(alpha) / math.sqrt(r_max)
+    raise ValueError(f"unknown scale rule {rule!r}; expected one of {', '.join(SCALE_CHOICES)}")
+
+
+def peft_scale_fields(alpha: float, rank: int, rule: str, r_max: int) -> dict:
+    """lora_alpha and use_rslora for a PEFT adapter of rank b whose scale equals ours at b."""
+    if rule == "alpha/b":
+        return {"lora_alpha": float(alpha), "use_rslora": False}
+    if rule == "alpha/sqrt(b)":
+        return {"lora_alpha": float(alpha), "use_rslora": True}
+    # PEFT scales by lora_alpha / r: writing lora_alpha = s * b gives exactly s.
+    return {"lora_alpha": lora_scale(alpha, rank, rule, r_max) * rank, "use_rslora": False}

@@ -43,7 +43,8 @@ def inject_qdylora(model: nn.Module, cfg: QDyLoRAConfig) -> list[str]:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DynamicRankLoRALinear(getattr(parent, child), cfg.r_max, cfg.alpha, cfg.dropout, cfg.update))
+        setattr(parent, child, DynamicRankLoRALinear(getattr(parent, child), cfg.r_max, cfg.alpha, cfg.dropout, cfg.update,
+                                                     scale_rule=cfg.scale))
     return names
 
 
@@ -72,6 +73,28 @@ def set_rank(model: nn.Module, rank: int) -> None:
         raise ValueError(f"rank must be an integer in 0..{r_max}, got {rank!r}")
     for layer in layers.values():
         layer.active_rank = rank
+        layer.rank_coeff = None
+
+
+def set_example_ranks(model: nn.Module, ranks: list[int]) -> None:
+    """Give each example of the next batch its own active rank (one forward trains several ranks).
+
+    Example i uses rows 1..ranks[i] at scale s(ranks[i]): a (batch, max rank) mask × scale,
+    shared by every layer (they share alpha and the scale rule).
+    """
+    layers = qdylora_layers(model)
+    if not layers:
+        raise ValueError("model has no QDyLoRA layers")
+    first = next(iter(layers.values()))
+    if not ranks or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= first.r_max for b in ranks):
+        raise ValueError(f"example ranks must be integers in 1..{first.r_max}, got {ranks!r}")
+    b_max = max(ranks)
+    coeff = torch.zeros(len(ranks), b_max, dtype=first.lora_A.dtype, device=first.lora_A.device)
+    for i, b in enumerate(ranks):
+        coeff[i, :b] = first.scale(b)
+    for layer in layers.values():
+        layer.active_rank = b_max
+        layer.rank_coeff = coeff
 
 
 def get_rank(model: nn.Module) -> int:

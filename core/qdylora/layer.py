@@ -1,4 +1,4 @@
-"""The dynamic-rank LoRA layer: h = W0 x + (alpha/b) B[:, :b] A[:b] dropout(x)."""
+"""The dynamic-rank LoRA layer: h = W0 x + s(b) B[:, :b] A[:b] dropout(x)."""
 from __future__ import annotations
 
 import math
@@ -30,9 +30,12 @@ class DynamicRankLoRALinear(nn.Module):
     """Wraps a frozen linear (float or bitsandbytes 4-bit) with a rank-truncatable adapter.
 
     The active rank is a plain int attribute: switching rank changes a number, never weights.
+    For training several ranks in one forward, `rank_coeff` can hold a per-example
+    (batch, 1, b_max) tensor of mask × scale (see `inject.set_example_ranks`).
     """
 
-    def __init__(self, base: nn.Module, r_max: int, alpha: float, dropout: float = 0.0, update: str = "full"):
+    def __init__(self, base: nn.Module, r_max: int, alpha: float, dropout: float = 0.0, update: str = "full",
+                 scale_rule: str = "alpha/b"):
         super().__init__()
         if not is_adaptable_linear(base):
             raise TypeError(f"can only adapt nn.Linear or bnb Linear4bit, got {type(base).__name__}")
@@ -42,7 +45,9 @@ class DynamicRankLoRALinear(nn.Module):
         self.r_max = r_max
         self.alpha = alpha
         self.update = update
+        self.scale_rule = scale_rule
         self.active_rank = r_max
+        self.rank_coeff: torch.Tensor | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device
         # Adapters stay float32 even over a bf16/NF4 base: they are small and are what learns.
@@ -55,6 +60,9 @@ class DynamicRankLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def scale(self, rank: int | None = None) -> float:
+        return lora_scale(self.alpha, self.active_rank if rank is None else rank, self.scale_rule, self.r_max)
+
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:b] and B[:, :b] for the active rank, with rows that must not learn detached."""
         b = self.active_rank
@@ -66,20 +74,32 @@ class DynamicRankLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        if self.rank_coeff is not None:
+            return result + self._per_example_delta(x).to(result.dtype)
         b = self.active_rank
         if b == 0:
             return result
         a, bm = self.active_factors()
         h = self.dropout(x.to(a.dtype))
-        delta = F.linear(F.linear(h, a), bm) * lora_scale(self.alpha, b)
+        delta = F.linear(F.linear(h, a), bm) * self.scale(b)
         return result + delta.to(result.dtype)
 
+    def _per_example_delta(self, x: torch.Tensor) -> torch.Tensor:
+        coeff = self.rank_coeff
+        if x.dim() < 2 or x.shape[0] != coeff.shape[0]:
+            raise ValueError(f"per-example ranks were set for a batch of {coeff.shape[0]}, got input of shape {tuple(x.shape)}")
+        b_max = coeff.shape[-1]
+        h = self.dropout(x.to(self.lora_A.dtype))
+        z = F.linear(h, self.lora_A[:b_max])
+        z = z * coeff.view(coeff.shape[0], *([1] * (z.dim() - 2)), b_max)
+        return F.linear(z, self.lora_B[:, :b_max])
+
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
-        """(alpha/b) B[:, :b] A[:b]: what merging adds to W0, in float32."""
+        """s(b) B[:, :b] A[:b]: what merging adds to W0, in float32."""
         b = self.active_rank if rank is None else rank
         if b == 0:
             return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
-        return (self.lora_B[:, :b] @ self.lora_A[:b]) * lora_scale(self.alpha, b)
+        return (self.lora_B[:, :b] @ self.lora_A[:b]) * self.scale(b)
 
     def base_weight_float(self) -> torch.Tensor:
         """W0 in float32, dequantized from NF4 when the base is 4-bit."""
@@ -91,4 +111,5 @@ class DynamicRankLoRALinear(nn.Module):
         return weight.data.float()
 
     def extra_repr(self) -> str:
-        return f"r_max={self.r_max}, alpha={self.alpha}, active_rank={self.active_rank}, update={self.update}"
+        return (f"r_max={self.r_max}, alpha={self.alpha}, scale={self.scale_rule}, active_rank={self.active_rank}, "
+                f"update={self.update}")

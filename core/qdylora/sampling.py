@@ -1,6 +1,8 @@
-"""Drawing the active rank b once per optimizer step."""
+"""Drawing the active rank(s) b of each optimizer step."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 
 from core.qdylora.config import QDyLoRAConfig
@@ -34,6 +36,22 @@ class RankSampler:
 
     def sample(self) -> int:
         return self._rng.choices(self.ranks, weights=self.weights, k=1)[0]
+
+    def sample_step(self, k: int = 1) -> list[int]:
+        """k ranks for one step, stratified: one draw from each 1/k slice of the distribution.
+
+        Stratifying keeps every step's ranks spread from low to high (k independent draws
+        could all land low), so each step trains rows at both ends. k = 1 is `sample()`.
+        """
+        if k == 1:
+            return [self.sample()]
+        cumulative = list(itertools.accumulate(self.weights))
+        total = cumulative[-1]
+        draws = []
+        for i in range(k):
+            u = (i + self._rng.random()) / k * total
+            draws.append(self.ranks[min(bisect.bisect_right(cumulative, u), len(self.ranks) - 1)])
+        return draws
 
     def probabilities(self) -> dict[int, float]:
         total = sum(self.weights)

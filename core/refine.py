@@ -1,0 +1,84 @@
+"""Polishing a chosen rank: continue training rank b of a finished run on its own, as a new run.
+
+The new run is an ordinary training run (sweep and export accept it) whose r_max is b, whose
+adapter starts as the parent's rank-b adapter (the same ΔW, rescaled when the scale rule
+depends on r_max), and which trains at that one rank every step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core import runstate
+from core.errors import RunError, UserError
+from core.qdylora.config import QDyLoRAConfig, inference_config
+from core.train_config import TrainConfig, load_run_config
+
+INHERITED = (
+    "data", "prompt_col", "response_col", "model", "quant", "device", "alpha", "dropout", "update", "batch_size",
+    "grad_accum", "lr", "lr_schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length", "seed",
+    "checkpoint_every", "gradient_checkpointing",
+)
+
+
+def _parent(run_dir: str | Path) -> tuple[dict, QDyLoRAConfig]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} does not exist")
+    config = load_run_config(run_dir)
+    try:
+        qcfg = QDyLoRAConfig.from_dict(config["qdylora"])
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{run_dir}/config.json has an unusable qdylora section: {exc}") from exc
+    return config, inference_config(qcfg)
+
+
+ADAPTER_PATH = ("adapter", "adapter.safetensors")  # core.train.ADAPTER_DIR / core.qdylora.inject.ADAPTER_FILE
+
+
+def check_warm_start(cfg: TrainConfig) -> None:
+    """The parent must be a finished run that has rank init_rank; raised before anything is written."""
+    config, qcfg = _parent(cfg.init_from)
+    status = (runstate.read_status(Path(cfg.init_from)) or {}).get("status", "unknown")
+    if status != "completed":
+        raise RunError(f"run {cfg.init_from} has not finished (status: {status}); refine a completed run")
+    if not Path(cfg.init_from, *ADAPTER_PATH).is_file():
+        raise RunError(f"run {cfg.init_from} has no saved adapter")
+    if isinstance(cfg.init_rank, bool) or not isinstance(cfg.init_rank, int) or not 1 <= cfg.init_rank <= qcfg.r_max:
+        raise UserError(f"rank must be an integer in 1..{qcfg.r_max} (the run's r_max), got {cfg.init_rank!r}")
+    if cfg.r_max != cfg.init_rank:
+        raise UserError(f"a run warm-started from rank {cfg.init_rank} must have r_max {cfg.init_rank}, got {cfg.r_max}")
+
+
+def warm_start_state(parent_dir: str | Path, rank: int, new_cfg: QDyLoRAConfig) -> dict:
+    """The parent's rank-b adapter as this run's r_max = b adapter, computing the same ΔW under this run's scale."""
+    from safetensors.torch import load_file
+
+    from core.qdylora.truncation import inference_adapter_state
+
+    config, parent_inference = _parent(parent_dir)
+    trained = QDyLoRAConfig.from_dict(config["qdylora"])
+    state = inference_adapter_state(load_file(str(Path(parent_dir, *ADAPTER_PATH))), trained)
+    ratio = parent_inference.scale_at(rank) / new_cfg.scale_at(rank)
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_A"):
+            out[key] = tensor[:rank].clone()
+        else:
+            out[key] = (tensor[:, :rank] * ratio).clone()
+    return out
+
+
+def refine_config(run: str | Path, rank: int, steps: int, out: str | Path, **overrides) -> TrainConfig:
+    """A TrainConfig that continues `run`'s rank b alone, inheriting the parent's recipe unless overridden."""
+    config, qcfg = _parent(run)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= qcfg.r_max:
+        raise UserError(f"rank must be an integer in 1..{qcfg.r_max} (the run's r_max), got {rank!r}")
+    parent = config["train"]
+    values = {name: parent[name] for name in INHERITED if name in parent}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(
+        **values, out=str(out), steps=steps, r_max=rank, rank_sampling="list", rank_list=[rank],
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in config.get("adapted_modules", [])}) or parent.get("target_modules"),
+        scale=qcfg.scale, method="qdylora", ranks_per_step=1, extra_ranks="none", distill=0.0,
+        init_from=str(run), init_rank=rank,
+    )
