@@ -257,7 +257,9 @@ class Trainer:
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         planned = resolve_model(self.cfg.model_spec())  # an unknown model must fail before a run folder exists
         check_target_modules(planned.path, self.cfg.target_modules)
-        warm_start = bool(self.cfg.init_from) and not self.resume
+        # A refine run starts from its parent's adapter, unless a checkpoint of its own takes over
+        # (a resumed run that was stopped before its first checkpoint starts over, warm again).
+        warm_start = bool(self.cfg.init_from) and (not self.resume or _find_checkpoint(self.run_dir) is None)
         if warm_start:
             from core.refine import check_warm_start
 
