@@ -248,6 +248,8 @@ def world(tmp_path_factory, finished_tiny_run, tiny_model_dir):
     w["running"] = run_copy("running", **{"status.json": json.dumps(
         {"status": "running", "pid": me, "pid_started_at": proc.started_at(me), "step": 1, "total_steps": 2})})
     w["bad_adapter"] = run_copy("bad-adapter", **{"adapter__adapter.safetensors": b"not safetensors"})
+    w["unfinished"] = run_copy("unfinished", **{"status.json": json.dumps(
+        {"status": "cancelled", "pid": None, "step": 1, "total_steps": 2})})
     config = json.loads((finished_tiny_run / "config.json").read_text())
 
     def with_config(text):
@@ -518,6 +520,53 @@ CLI_CASES = [
     (["train", "--resume", "--out", "{sweep:good}"], ["not a training run config", "sweep"]),
     (["train", "--resume", "--out", "{config_dir}"], ["not a regular file"]),
     (["train", "--resume", "--out", ""], ["output folder is empty"]),
+    # train: the method options (scale rule, ranks per step, sandwich, SVD, warm start)
+    (TRAIN + ["--scale", "alpha"], ["--scale", "invalid choice"]),
+    (TRAIN + ["--method", "lora"], ["--method", "invalid choice"]),
+    (TRAIN + ["--extra-ranks", "all"], ["--extra-ranks", "invalid choice"]),
+    (TRAIN + ["--ranks-per-step", "abc"], ["--ranks-per-step", "invalid int"]),
+    (TRAIN + ["--ranks-per-step", "0"], ["ranks_per_step"]),
+    (TRAIN + ["--ranks-per-step", "-2"], ["ranks_per_step"]),
+    (TRAIN + ["--ranks-per-step", "5", "--batch-size", "4"], ["ranks_per_step (5) cannot exceed", "= 4"]),
+    (TRAIN + ["--ranks-per-step", "3", "--batch-size", "1", "--grad-accum", "2"], ["ranks_per_step (3) cannot exceed"]),
+    (TRAIN + ["--distill", "0.5"], ["distill needs extra_ranks"]),
+    (TRAIN + ["--distill", "nan", "--extra-ranks", "max"], ["distill", "finite"]),
+    (TRAIN + ["--distill", "2", "--extra-ranks", "max"], ["distill"]),
+    (TRAIN + ["--update", "frozen", "--ranks-per-step", "2"], ["frozen"]),
+    (TRAIN + ["--init-from", "{run}"], ["init_from and init_rank go together"]),
+    (TRAIN + ["--init-from", "{unfinished}", "--init-rank", "2", "--r-max", "2"], ["has not finished", "cancelled"]),
+    (TRAIN + ["--init-from", "{run}", "--init-rank", "3", "--r-max", "2"], ["must have r_max 3"]),
+    (TRAIN + ["--init-from", "{run}", "--init-rank", "9", "--r-max", "9"], ["rank must be an integer in 1..4"]),
+    (TRAIN + ["--init-from", "{data}", "--init-rank", "2", "--r-max", "2"], ["not a training run folder"]),
+]
+REFINE = ["refine", "--run", "{run}", "--rank", "2", "--steps", "2", "--out", "{out}"]
+CLI_CASES += [
+    # refine: a rank of a finished run, polished as a new run
+    (REFINE[:4] + ["0"] + REFINE[5:], ["rank must be an integer in 1..4"]),
+    (REFINE[:4] + ["5"] + REFINE[5:], ["rank must be an integer in 1..4"]),
+    (REFINE[:4] + ["-1"] + REFINE[5:], ["rank must be an integer in 1..4"]),
+    (REFINE[:4] + ["abc"] + REFINE[5:], ["--rank", "invalid int"]),
+    (REFINE[:6] + ["0"] + REFINE[7:], ["steps"]),
+    (REFINE[:6] + ["x"] + REFINE[7:], ["--steps", "invalid int"]),
+    (REFINE[:5] + REFINE[7:], ["--steps", "required"]),
+    (REFINE + ["--lr", "nan"], ["lr"]),
+    (REFINE + ["--lr", "2"], ["lr"]),
+    (REFINE + ["--batch-size", "0"], ["batch_size"]),
+    (["refine", "--run", "{unfinished}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["has not finished", "cancelled"]),
+    (["refine", "--run", "{running}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["has not finished"]),
+    (["refine", "--run", "{no_adapter}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["no saved adapter"]),
+    (["refine", "--run", "{data}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["not a training run folder"]),
+    (["refine", "--run", "{sweep:good}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["not a training run config"]),
+    (["refine", "--run", "{outs}/missing", "--rank", "2", "--steps", "2", "--out", "{out}"], ["does not exist"]),
+    (["refine", "--run", "{file}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["does not exist"]),
+    (["refine", "--run", "{damaged:truncated}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["not valid JSON"]),
+    (["refine", "--run", "{damaged:alpha-inf}", "--rank", "2", "--steps", "2", "--out", "{out}"], ["damaged", "alpha"]),
+    (REFINE + ["--data", "{pipe}"], ["not a regular file"]),
+    (REFINE + ["--data", "{data}/missing.jsonl"], ["file not found"]),
+    (REFINE[:-1] + [""], ["output folder is empty"]),
+    (REFINE[:-1] + ["{busy}"], ["already holds files"]),
+    (REFINE[:-1] + ["{run}"], ["already holds files"]),
+    (REFINE[:-1] + ["{file}/run"], ["which is a file"]),
 ]
 DAMAGED_WORDS = {
     "list": ["not a training run config"], "truncated": ["not valid JSON"], "not-utf8": ["not UTF-8"],
@@ -655,7 +704,7 @@ def test_bad_cli_input(argv, words, world, cli, unchanged, request):
 TRAIN_FORM = [("r_max", v) for v in (0, -1, 999)] + [("alpha", v) for v in (0.0, 2000.0, float("nan"), float("inf"))] + \
     [("steps", v) for v in (0, -5, 1_000_000)] + [("batch_size", v) for v in (0, 1000)] + \
     [("lr", v) for v in (0.0, 5.0, float("nan"))] + [("max_length", v) for v in (0, 8, 100_000)] + \
-    [("grad_accum", v) for v in (0, 999)]
+    [("grad_accum", v) for v in (0, 999)] + [("ranks_per_step", v) for v in (0, -1, 999, 5)]
 
 
 @pytest.mark.parametrize("name,value", TRAIN_FORM, ids=[f"{n}={v}" for n, v in TRAIN_FORM])
@@ -664,10 +713,12 @@ def test_train_form_refuses_out_of_range_values(name, value, world):
 
     form = wd.TrainForm(dataset=wd.get_dataset(world["ws"], wd.SAMPLE_DATASET), **{name: value})
     problems = wd.train_problems(form)
-    assert problems and any(name.replace("_", " ") in p for p in problems), problems
+    # the field's label in words ("ranks per step") or, from TrainConfig's own checks, its name
+    said = name.replace("_", " ") if any(name.replace("_", " ") in p for p in problems) else name
+    assert problems and any(said in p.lower() for p in problems), problems
     with pytest.raises(UserError) as info:
         wd.train_args(form)
-    assert_page_refusal(info.value, [name.replace("_", " ")])
+    assert_page_refusal(info.value, [said])
 
 
 SWEEP_FORM = [({"max_prompts": 0}, "Prompts to use"), ({"max_prompts": 99}, "Prompts to use"),
@@ -694,6 +745,24 @@ def test_export_form_refuses_bad_ranks(rank):
     assert_page_refusal(info.value, ["from 1 to 4"])
 
 
+POLISH_FORM = [({"rank": 0}, "rank to polish"), ({"rank": 5}, "rank to polish"), ({"steps": 0}, "Extra steps"),
+               ({"steps": 1_000_000}, "Extra steps"), ({"lr": float("nan")}, "learning rate"),
+               ({"lr": 5.0}, "learning rate"), ({"lr": 0.0}, "learning rate")]
+
+
+@pytest.mark.parametrize("change,words", POLISH_FORM, ids=[str(c) for c, _ in POLISH_FORM])
+def test_polish_form_refuses_bad_values(change, words, world):
+    from core import workspace_data as wd
+
+    values = {"rank": 2, "steps": 20, "lr": 2e-4} | change
+    problems = wd.refine_problems(r_max=4, **values)
+    assert len(problems) == 1 and words in problems[0], problems
+    with pytest.raises(UserError) as info:
+        wd.refine_args(world["run"], values["rank"], values["steps"], lr=values["lr"], r_max=4)
+    assert_page_refusal(info.value, [words])
+
+
 def test_the_corpus_is_large_enough():
-    n = 2 * len(TRAINING) + 2 * len(EVALS) + len(CLI_CASES) + len(TRAIN_FORM) + len(SWEEP_FORM) + 4
+    n = (2 * len(TRAINING) + 2 * len(EVALS) + len(CLI_CASES) + len(TRAIN_FORM) + len(SWEEP_FORM) + 4
+         + len(POLISH_FORM))
     assert n >= 200, n
