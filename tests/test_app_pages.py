@@ -376,6 +376,16 @@ def test_compare_page_reports_each_named_evaluation_set(results):
     assert "recites rather than knows" in texts(at)
 
 
+def test_compare_page_says_what_is_wrong_with_a_damaged_per_prompt_file(results):
+    store, run, sweep, export = results
+    path = sweep.out_dir / "per_prompt.csv"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text(lines[0] + "abc" + lines[1][lines[1].index(","):] + "".join(lines[2:]), encoding="utf-8")
+    at = app("compare", sweep=sweep.id)               # no exception (app() checks)
+    assert any("per_prompt.csv is damaged: row 1 has rank 'abc'" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
+
+
 def test_compare_page_tolerance_and_metric_change_the_decision(results):
     store, run, sweep, export = results
     at = app("compare", sweep=sweep.id)
@@ -433,7 +443,11 @@ def test_playground_streams_answers_of_several_ranks(results, monkeypatch):
     assert at.multiselect(key="pg-ranks").value == [0, 2, 4]
     at.button(key="pg-ask").click().run()
     assert any("Type a question first" in e.value for e in at.error)
+    at.number_input(key="pg-tokens").set_value(9999).run()       # no browser-side limit: the check says why
     at.text_area(key="pg-question").set_value("Where do you ship from?").run()
+    at.button(key="pg-ask").click().run()
+    assert any("The answer length must be 1 to 512 tokens." in e.value for e in at.error)
+    at.number_input(key="pg-tokens").set_value(64).run()
     at.button(key="pg-ask").click().run()
     folder = pg.folder_for(store.workspace, run.out_dir)
     deadline = time.time() + 30
