@@ -43,7 +43,7 @@ class TrainConfig(ConfigDict):
     rank_sampling: str = field(default="uniform", metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
     update: str = field(default="full", metadata={"choices": UPDATE_CHOICES, "help": "full (rows 1..b learn) or frozen (only row b learns)."})
-    scale: str = field(default="alpha/b", metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig)."})
+    scale: str | None = field(default=None, metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig); unset = the method's measured best."})
     ranks_per_step: int = field(default=1, metadata={"help": "Ranks per optimizer step (k groups of the step's examples, stratified)."})
     extra_ranks: str = field(default="none", metadata={"choices": EXTRA_RANKS_CHOICES, "help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
     distill: float = field(default=0.0, metadata={"help": "Weight of distilling the sampled rank toward r_max's predictions (needs extra_ranks)."})
@@ -87,8 +87,8 @@ class TrainConfig(ConfigDict):
             if all(isinstance(v, int) for v in (self.batch_size, self.grad_accum)) and qcfg.ranks_per_step > self.batch_size * self.grad_accum:
                 problems.append(f"ranks_per_step ({qcfg.ranks_per_step}) cannot exceed the examples per step "
                                 f"(batch_size × grad_accum = {self.batch_size * self.grad_accum})")
-            # The method may resolve sampling fields (svd trains at r_max only): keep the resolved values.
-            self.rank_sampling, self.rank_list = qcfg.rank_sampling, qcfg.rank_list
+            # The method resolves the scale (when unset) and sampling fields (svd trains at r_max only): keep them resolved.
+            self.scale, self.rank_sampling, self.rank_list = qcfg.scale, qcfg.rank_sampling, qcfg.rank_list
             self.ranks_per_step, self.extra_ranks, self.distill = qcfg.ranks_per_step, qcfg.extra_ranks, qcfg.distill
         if (self.init_from is None) != (self.init_rank is None):
             problems.append("init_from and init_rank go together")

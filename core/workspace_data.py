@@ -429,14 +429,14 @@ TRAIN_LIMITS = {
 }
 METHOD_LABELS = {"qdylora": "QDyLoRA: one run trains every rank",
                  "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
-SCALE_LABELS = {"alpha/b": "α / b (DyLoRA, plain LoRA)", "alpha/sqrt(b)": "α / √b (rsLoRA)",
-                "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
+                "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)"}
 def _recipe_defaults() -> dict:
     """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
     from core.train_config import TrainConfig
 
     d = TrainConfig(data="unused", out="unused")
-    return dict(method=d.method, scale=d.scale, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
+    return dict(method=d.method, scale=None, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
                 alpha=d.alpha, lr=d.lr, update=d.update)
 
 
@@ -473,7 +473,7 @@ class TrainForm:
     grad_accum: int = 1
     seed: int = 42
     method: str = "qdylora"
-    scale: str = "alpha/b"
+    scale: str | None = None        # None: the method's recommended rule
     ranks_per_step: int = 1
 
 
@@ -524,7 +524,7 @@ def train_args(form: TrainForm) -> list[str]:
             "--update", form.update, "--steps", form.steps, "--batch-size", form.batch_size,
             "--grad-accum", form.grad_accum, "--lr", form.lr, "--max-length", form.max_length,
             "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress",
-            "--method", form.method, "--scale", form.scale, "--ranks-per-step", form.ranks_per_step]
+            "--method", form.method, "--ranks-per-step", form.ranks_per_step] + (["--scale", form.scale] if form.scale else [])
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
     return [str(a) for a in args]

@@ -7,6 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
+from core.qdylora.config import METHOD_SCALE
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -142,7 +143,8 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(
         "Scale at rank b", scales, index=scales.index(values["scale"]), key=field_key("scale"),
-        format_func=wd.SCALE_LABELS.get, help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
+        format_func=lambda rule: wd.SCALE_LABELS[rule] if rule else f"recommended for the method: {wd.SCALE_LABELS[METHOD_SCALE[method]]}",
+        help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
     # ui.number_field: out-of-range entries reach train_problems below instead of staying in the browser.
     limits = wd.TRAIN_LIMITS
     ranks_per_step = keep("ranks_per_step", ui.number_field(

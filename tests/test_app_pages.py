@@ -205,7 +205,8 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert args[args.index("--r-max") + 1] == "64" and args[args.index("--steps") + 1] == "7"
     standard = wd.PRESETS["Standard"]
     assert args[args.index("--alpha") + 1] == str(standard["alpha"]) and args[args.index("--lr") + 1] == str(standard["lr"])
-    assert args[args.index("--scale") + 1] == standard["scale"] and args[args.index("--method") + 1] == standard["method"]
+    assert args[args.index("--method") + 1] == standard["method"]
+    assert "--scale" not in args and standard["scale"] is None      # the method's recommended rule
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
 

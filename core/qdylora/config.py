@@ -16,6 +16,8 @@ METHOD_CHOICES = ("qdylora", "svd")
 LEGACY_SCALE = "alpha/b"
 # An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
 INFERENCE_SCALE_OF_SVD = "constant"
+# The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
+METHOD_SCALE = {"qdylora": "alpha/b", "svd": "alpha/b"}
 
 
 @dataclass
@@ -36,9 +38,9 @@ class QDyLoRAConfig(ConfigDict):
         default="full",
         metadata={"help": "full: rows 1..b of A and columns of B all learn (QDyLoRA); frozen: only row/column b learns (DyLoRA's nested-dropout default)."},
     )
-    scale: str = field(
-        default="alpha/b",
-        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum)."},
+    scale: str | None = field(
+        default=None,
+        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum); None = the method's measured best (METHOD_SCALE)."},
     )
     ranks_per_step: int = field(
         default=1,
@@ -58,6 +60,8 @@ class QDyLoRAConfig(ConfigDict):
     )
 
     def __post_init__(self):
+        if self.scale is None:
+            self.scale = METHOD_SCALE.get(self.method)
         if self.method == "svd":
             # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
             self.rank_sampling, self.rank_list, self.ranks_per_step, self.extra_ranks, self.distill = (
