@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from core import runstate
+from core import distributed, runstate
 from core.errors import RunError, UserError
 from core.models import load_base_model, resolve_model_path
 from core.prompting import EncodedExample, collate, encode_example
@@ -188,6 +188,7 @@ class Trainer:
         self.histogram: dict[str, int] = {}
         self.losses: list[float] = []
         self._log_handler: logging.Handler | None = None
+        self.dist = distributed.DistContext()  # the one-process run until setup joins a launcher's group
 
     # --- setup ---
     def _check_out_dir(self) -> None:
@@ -201,7 +202,8 @@ class Trainer:
         elif not runstate.folder_is_empty_or_missing(self.run_dir):
             raise UserError(f"output folder {self.run_dir} already holds files; choose a new folder or use --resume")
 
-    def setup(self) -> None:
+    def check_inputs(self):
+        """Every check that needs no model, before anything is written; returns the training data."""
         from core.data import load_training_data
 
         self._check_out_dir()
@@ -212,9 +214,19 @@ class Trainer:
             from core.refine import check_warm_start
 
             check_warm_start(self.cfg)  # a bad parent run must fail before a run folder exists
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._log_handler = runstate.attach_log(self.run_dir, "train.log")
-        runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
+        return data
+
+    def setup(self) -> None:
+        from core.data import load_training_data
+
+        self.dist = distributed.context(self.cfg.device)
+        if self.dist.is_main:
+            data = self.check_inputs()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log_handler = runstate.attach_log(self.run_dir, "train.log")
+            runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
+        else:  # the launcher and the main process checked the folder; only the main one writes it
+            data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         torch.manual_seed(self.cfg.seed)
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
         self.qcfg = self.cfg.qdylora_config()
@@ -230,7 +242,8 @@ class Trainer:
         report["skipped_rows"] = data.skipped
         if not self.examples:
             raise UserError(f"{self.cfg.data}: every example is longer than max_length={self.cfg.max_length} before its answer starts")
-        runstate.write_json_atomic(self.run_dir / "data_report.json", report)
+        if self.dist.is_main:
+            runstate.write_json_atomic(self.run_dir / "data_report.json", report)
         self.order = BatchOrder(len(self.examples), self.cfg.batch_size, self.cfg.seed)
         self.params = adapter_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -241,7 +254,7 @@ class Trainer:
             meta = _load_checkpoint(_find_checkpoint(self.run_dir), self.model, self.optimizer, self.scheduler, self.sampler)
             self.step, self.histogram, self.losses = meta["step"], meta["histogram"], meta["recent_losses"]
             log.info("resumed at step %d of %d", self.step, self.cfg.steps)
-        else:
+        elif self.dist.is_main:
             runstate.write_json_atomic(self.run_dir / CONFIG_FILE, {
                 "train": self.cfg.to_dict(), "qdylora": self.qcfg.to_dict(), "model": self.resolved.to_dict(),
                 "adapted_modules": self.adapted, "versions": _versions(), "created_at": time.time(),
@@ -249,13 +262,15 @@ class Trainer:
         self.data_report = report
 
     def _emit(self, event: dict) -> None:
+        if not self.dist.is_main:
+            return
         event.setdefault("time", time.time())
         runstate.append_event(self.run_dir, event)
         self.on_event(event)
 
     # --- the loop ---
     def _micro_batch(self, k: int) -> dict[str, torch.Tensor]:
-        batch = collate([self.examples[i] for i in self.order.indices(k)], self.tokenizer.pad_token_id)
+        batch = collate([self.examples[i] for i in self.dist.shard(self.order.indices(k))], self.tokenizer.pad_token_id)
         device = self.resolved.device
         return {key: value.to(device) for key, value in batch.items()}
 
@@ -264,6 +279,15 @@ class Trainer:
         bs, accum, k = self.cfg.batch_size, self.cfg.grad_accum, len(sampled)
         n = bs * accum
         return [[sampled[(m * bs + i) * k // n] for i in range(bs)] for m in range(accum)]
+
+    def _loss_share(self, k: int) -> float:
+        """This process's share of micro-batch k's label tokens: weighting its token-mean loss by it makes
+        the gradients summed over processes the gradient of the whole micro-batch's token mean (1 alone)."""
+        if not self.dist.active:
+            return 1.0
+        everyone = self.order.indices(k)
+        label_tokens = [sum(label != -100 for label in self.examples[i].labels[1:]) for i in everyone]
+        return sum(self.dist.shard(label_tokens)) / max(1, sum(label_tokens))
 
     def _set_ranks(self, ranks: list[int]) -> None:
         if len(set(ranks)) == 1:
@@ -278,27 +302,33 @@ class Trainer:
         passes = 1 + len(extra)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.active:
+            torch.manual_seed(self.dist.dropout_seed(self.cfg.seed, self.step))
         total_loss, tokens = 0.0, 0
         for micro, micro_ranks in enumerate(self.step_ranks(sampled)):
-            batch = self._micro_batch(self.step * self.cfg.grad_accum + micro)
+            k = self.step * self.cfg.grad_accum + micro
+            batch = self._micro_batch(k)
+            share = self._loss_share(k)
             teacher = None
             for i, extra_rank in enumerate(extra):
                 set_rank(self.model, extra_rank)
                 out = self.model(**batch)
-                (out.loss / (self.cfg.grad_accum * passes)).backward()
+                (out.loss * share / (self.cfg.grad_accum * passes)).backward()
                 if i == 0 and self.qcfg.distill > 0:
                     teacher = out.logits.detach()
                 del out
-            self._set_ranks(micro_ranks)
+            self._set_ranks(self.dist.shard(micro_ranks))
             out = self.model(**batch)
             loss = out.loss
             if teacher is not None:
                 w = self.qcfg.distill
                 loss = (1 - w) * loss + w * distillation_loss(out.logits, teacher, batch["labels"])
-            (loss / (self.cfg.grad_accum * passes)).backward()
-            total_loss += out.loss.item() / self.cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            (loss * share / (self.cfg.grad_accum * passes)).backward()
+            total_loss += out.loss.item() * share / self.cfg.grad_accum
+            tokens += sum(len(self.examples[i].input_ids) for i in self.order.indices(k))
             del out, teacher
+        self.dist.sum_gradients(self.params)
+        total_loss = self.dist.sum_float(total_loss, self.resolved.device)
         set_rank(self.model, max(sampled + extra))
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -315,16 +345,18 @@ class Trainer:
             "examples": len(self.examples), "truncated": self.data_report["truncated"],
             "trainable_params": adapter_param_count(self.model, cfg.r_max), "model": self.resolved.name,
             "quant": self.resolved.quant, "device": self.resolved.device,
+            "processes": self.dist.world, "backend": self.dist.backend,
         })
-        runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training")
+        self._write_status("running", phase="training")
         started, first_step = time.time(), self.step
         status = "completed"
         while self.step < cfg.steps:
-            if self.should_stop():
+            if self.dist.any(self.should_stop(), self.resolved.device):
                 status = "cancelled"
                 break
             t0 = time.time()
             ranks = self.sampler.sample_step(self.qcfg.ranks_per_step)
+            self.dist.check_same_ranks(ranks, self.resolved.device)
             loss, tokens = self.train_step(ranks)
             self.step += 1
             for rank in ranks:
@@ -342,27 +374,35 @@ class Trainer:
             log.info("step %d/%d loss %.4f rank %s", self.step, cfg.steps, loss, ",".join(map(str, ranks)))
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
-            runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training", loss=loss)
+            self._write_status("running", phase="training", loss=loss)
         if status == "cancelled":
             self.save_checkpoint()
         return self.finish(status)
 
+    def _write_status(self, status: str, **fields) -> None:
+        if self.dist.is_main:
+            runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, **fields)
+
     def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
         _save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.sampler, self.step, self.histogram, self.losses)
         runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
 
     def finish(self, status: str) -> TrainResult:
         set_rank(self.model, self.cfg.r_max)
-        save_adapter(self.model, self.qcfg, self.run_dir / ADAPTER_DIR)
-        runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
         final_loss = self.losses[-1] if self.losses else None
-        runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, loss=final_loss)
+        if self.dist.is_main:
+            save_adapter(self.model, self.qcfg, self.run_dir / ADAPTER_DIR)
+            runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
+        self._write_status(status, loss=final_loss)
         self._emit({"event": "end", "status": status, "step": self.step, "total_steps": self.cfg.steps})
         log.info("run %s at step %d", status, self.step)
         return TrainResult(self.run_dir, status, self.step, self.cfg.steps, final_loss)
 
     def fail(self, exc: BaseException) -> None:
-        runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
+        if self.dist.is_main:
+            runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
 
     def cleanup(self) -> None:
         runstate.detach_log(self._log_handler)
