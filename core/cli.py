@@ -278,6 +278,8 @@ def cmd_sweep(args) -> int:
     def on_event(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
+            if event.get("workers_note"):
+                print(f"note: {event['workers_note']}", file=sys.stderr, flush=True)
             bar = _progress_bar(event["total_units"], "sweep", args.no_progress)
             bar.update(event.get("done_units", 0))
         elif event["event"] == "prompt" and bar is not None:
@@ -285,7 +287,7 @@ def cmd_sweep(args) -> int:
             bar.set_postfix(rank=event["rank"])
 
     try:
-        result = run_sweep(cfg, resume=args.resume, on_event=on_event, should_stop=cancel)
+        result = run_sweep(cfg, resume=args.resume, on_event=on_event, should_stop=cancel, workers=args.workers)
     finally:
         if bar is not None:
             bar.close()
