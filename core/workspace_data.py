@@ -417,7 +417,7 @@ def train_form_defaults(preset: str | None = None) -> dict:
     values (the first preset by default) plus the fields that presets leave alone."""
     preset = preset if preset in PRESETS else next(iter(PRESETS))
     return dict(preset=preset, dataset=None, model="default", model_path="", rank_list="1,2,4,8",
-                grad_accum=1, name="run", **PRESETS[preset])
+                grad_accum=1, name="run", processes=1, **PRESETS[preset])
 
 
 @dataclass
@@ -441,6 +441,7 @@ class TrainForm:
     method: str = "qdylora"
     scale: str = "alpha/b"
     ranks_per_step: int = 1
+    processes: int = 1          # data-parallel training processes (qdylora train --processes)
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -476,6 +477,9 @@ def train_problems(form: TrainForm) -> list[str]:
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
+    if form.processes > 1 and form.batch_size % form.processes:
+        problems.append(f"Batch size {form.batch_size} does not divide by {form.processes} processes: each process "
+                        "takes an equal share of every batch.")
     return problems
 
 
@@ -493,6 +497,8 @@ def train_args(form: TrainForm) -> list[str]:
             "--method", form.method, "--scale", form.scale, "--ranks-per-step", form.ranks_per_step]
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
+    if form.processes > 1:
+        args += ["--processes", form.processes]
     return [str(a) for a in args]
 
 
@@ -539,7 +545,8 @@ def parse_rank_text(text: str, r_max: int) -> tuple[list[int], list[str]]:
 
 
 def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: int | None, max_new_tokens: int,
-               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str = "ref_nll") -> list[str]:
+               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str = "ref_nll",
+               workers: int = 1) -> list[str]:
     """CLI arguments of `python -m core sweep` (without --out)."""
     if not metrics:
         raise UserError("Choose at least one quality metric.")
@@ -552,6 +559,8 @@ def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: i
             "--threshold", str(threshold), "--no-progress"]
     if max_prompts:
         args += ["--max-prompts", str(int(max_prompts))]
+    if workers > 1:
+        args += ["--workers", str(int(workers))]
     return args
 
 
