@@ -226,6 +226,11 @@ def context(device: str) -> DistContext:
     """Join the launcher's process group (gloo on CPU, NCCL on CUDA), or the one-process context."""
     if world_size_from_env() <= 1:
         return DistContext()
+    for env, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "").lower() == "true":
+            raise UserError(f"this Accelerate config asks for {engine}, which "
+                            "Rank Studio's trainer does not implement: launch with --multi_gpu (data parallel, the "
+                            "adapter replicated, each process a full copy of the 4-bit base); see docs/SCALING.md")
     import torch
     from accelerate import PartialState
 

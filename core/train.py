@@ -19,7 +19,7 @@ import torch
 
 from core import distributed, runstate
 from core.errors import RunError, UserError
-from core.models import load_base_model, resolve_model_path
+from core.models import load_base_model, pick_device, resolve_model_path
 from core.prompting import EncodedExample, collate, encode_example
 from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
 from core.qdylora.inject import (
@@ -71,6 +71,15 @@ class BatchOrder:
     def indices(self, micro_batch: int) -> list[int]:
         start = micro_batch * self.batch_size
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    """AdamW over the adapter; paged (bitsandbytes) on CUDA when asked, as QLoRA trains."""
+    if cfg.optimizer == "paged_adamw":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -210,6 +219,9 @@ class Trainer:
         # Read and validate the data before creating anything, so bad data leaves no run folder.
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         resolve_model_path(self.cfg.model)  # an unknown model must fail before a run folder exists
+        if self.cfg.optimizer == "paged_adamw" and pick_device(self.cfg.device) != "cuda":
+            raise UserError("optimizer paged_adamw needs a CUDA GPU (bitsandbytes pages its state between GPU and CPU "
+                            "memory); use adamw on CPU")
         if self.cfg.init_from and not self.resume:
             from core.refine import check_warm_start
 
@@ -246,7 +258,7 @@ class Trainer:
             runstate.write_json_atomic(self.run_dir / "data_report.json", report)
         self.order = BatchOrder(len(self.examples), self.cfg.batch_size, self.cfg.seed)
         self.params = adapter_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = make_optimizer(self.cfg, self.params)
         warmup = int(round(self.cfg.warmup_ratio * self.cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.lr_schedule, self.cfg.steps, warmup))
         self.sampler = RankSampler(self.qcfg, self.cfg.seed)

@@ -180,3 +180,21 @@ def test_processes_that_draw_different_ranks_are_stopped(tmp_path):
     mp.spawn(_draw_and_check, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     for rank in (0, 1):
         assert "drew different ranks" in (tmp_path / f"out-{rank}").read_text()
+
+
+def test_paged_adamw_is_refused_without_a_gpu(tiny_model_dir, small_train_file, tmp_path, cli_in_process):
+    code, err = cli_in_process("train", *flags(tiny_model_dir, small_train_file, optimizer="paged_adamw"),
+                               "--out", str(tmp_path / "run"))
+    assert code == 2 and "paged_adamw needs a CUDA GPU" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variable,engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_an_fsdp_or_deepspeed_launch_is_refused_rather_than_run_as_something_else(variable, engine, monkeypatch):
+    from core import distributed
+    from core.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(UserError, match=f"asks for {engine}"):
+        distributed.context("cpu")
