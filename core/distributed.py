@@ -25,6 +25,7 @@ Torch-free at import: the dashboard calls `find_devices` without paying torch's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -55,9 +56,12 @@ class Devices:
 
     def describe(self) -> str:
         if self.kind == "cuda":
-            names = sorted(set(self.names))
-            what = names[0] if len(names) == 1 else "GPU"
-            return f"{self.count} × {what}" if self.count > 1 else f"1 GPU ({what})"
+            kinds = {name: self.names.count(name) for name in dict.fromkeys(self.names)} or {"GPU": self.count}
+            if self.count == 1:
+                return f"1 GPU ({next(iter(kinds))})"
+            if len(kinds) == 1:
+                return f"{self.count} × {next(iter(kinds))}"
+            return f"{self.count} GPUs (" + ", ".join(f"{n} × {name}" if n > 1 else name for name, n in kinds.items()) + ")"
         return f"{self.count} CPU core{'s' if self.count != 1 else ''}, no GPU"
 
     @property
@@ -85,18 +89,24 @@ def _visible_gpu_filter(names: list[str]) -> list[str]:
     return picked
 
 
+@functools.lru_cache(maxsize=1)
+def _nvidia_smi_gpus() -> tuple[str, ...]:
+    """Names of the machine's GPUs from `nvidia-smi -L` (asked once per process: the pages rerun often)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ()
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.split(":", 1)[1].split("(UUID")[0].strip() for line in out.splitlines() if line.startswith("GPU "))
+
+
 def find_devices() -> Devices:
     """GPUs from `nvidia-smi -L` (no torch import), honouring CUDA_VISIBLE_DEVICES; else CPU cores."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        names = [line.split(":", 1)[1].split("(UUID")[0].strip() for line in out.splitlines() if line.startswith("GPU ")]
-        names = _visible_gpu_filter(names)
-        if names:
-            return Devices("cuda", len(names), tuple(names))
+    names = _visible_gpu_filter(list(_nvidia_smi_gpus()))
+    if names:
+        return Devices("cuda", len(names), tuple(names))
     return Devices("cpu", cpu_cores())
 
 

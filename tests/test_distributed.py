@@ -198,3 +198,18 @@ def test_an_fsdp_or_deepspeed_launch_is_refused_rather_than_run_as_something_els
     monkeypatch.setenv(variable, "true")
     with pytest.raises(UserError, match=f"asks for {engine}"):
         distributed.context("cpu")
+
+
+def test_devices_found_honour_cuda_visible_devices(monkeypatch):
+    from core import distributed
+
+    monkeypatch.setattr(distributed, "_nvidia_smi_gpus", lambda: ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert distributed.find_devices().describe() == "3 GPUs (2 × NVIDIA A100-SXM4-80GB, NVIDIA L4)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert distributed.find_devices() == distributed.Devices("cuda", 2, ("NVIDIA A100-SXM4-80GB",) * 2)
+    assert distributed.find_devices().describe() == "2 × NVIDIA A100-SXM4-80GB"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert distributed.find_devices().describe() == "1 GPU (NVIDIA L4)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the CPU cores
+    assert distributed.find_devices() == distributed.Devices("cpu", cpu_cores())
