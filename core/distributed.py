@@ -322,8 +322,8 @@ def launch_training(cfg, resume: bool, processes: int, no_progress: bool) -> int
         print(f"launching {processes} training processes through Accelerate "
               f"({threads} thread{'s' if threads != 1 else ''} each)", file=sys.stderr, flush=True)
         code = _run_until_done(accelerate_command(processes, threads, child_args), env, Path(launch_dir))
-        failures = sorted(Path(launch_dir).glob("failure-*.txt"))
-        notes = [f"process {p.stem.split('-')[1]}: {p.read_text().strip()}" for p in failures]
+        noted = {int(p.stem.split("-")[1]): p.read_text().strip() for p in Path(launch_dir).glob("failure-*.txt")}
+    notes = failure_notes(noted, processes)
     status = runstate.read_status(run_dir) or {}
     said = status.get("status")
     if said == "completed" and code == 0:
@@ -343,6 +343,16 @@ def launch_training(cfg, resume: bool, processes: int, no_progress: bool) -> int
         runstate.write_status(run_dir, "failed", error=message, **where)
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def failure_notes(noted: dict[int, str], processes: int) -> list[str]:
+    """What the processes said when they failed, and which ones said nothing: a process killed
+    (e.g. out of memory) leaves no note, and the others then only report a lost connection."""
+    notes = [f"process {rank}: {text}" for rank, text in sorted(noted.items())]
+    silent = [str(rank) for rank in range(processes) if rank not in noted]
+    if notes and silent:
+        notes.insert(0, f"process {', '.join(silent)} stopped without an error message (killed, or out of memory?)")
+    return notes
 
 
 def _run_until_done(cmd: list[str], env: dict, launch_dir: Path) -> int:

@@ -213,3 +213,13 @@ def test_devices_found_honour_cuda_visible_devices(monkeypatch):
     assert distributed.find_devices().describe() == "1 GPU (NVIDIA L4)"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the CPU cores
     assert distributed.find_devices() == distributed.Devices("cpu", cpu_cores())
+
+
+def test_a_process_that_vanished_is_named_before_the_lost_connections_it_caused():
+    from core.distributed import failure_notes
+
+    assert failure_notes({}, 2) == []
+    assert failure_notes({0: "RuntimeError: Connection reset by peer"}, 3) == [
+        "process 1, 2 stopped without an error message (killed, or out of memory?)",
+        "process 0: RuntimeError: Connection reset by peer"]
+    assert failure_notes({1: "out of memory", 0: "lost"}, 2) == ["process 0: lost", "process 1: out of memory"]
