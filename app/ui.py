@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import distributed
 from core import workspace_data as wd
 from core.errors import UserError
 from core.evaluation import wording as w
@@ -78,6 +79,18 @@ def datasets() -> list[wd.DatasetInfo]:
     for problem in damaged:
         st.warning(problem, icon=":material/warning:")
     return found
+
+
+def parallel_choice(column, label: str, key: str, value: int, help: str) -> int:
+    """The devices found, and how many processes to spread the job over when there is more than one."""
+    devices = distributed.find_devices()
+    if devices.count < 2:
+        column.caption(f"Devices found: {devices.describe()}: one process.")
+        return 1
+    chosen = int(column.number_input(label, 1, devices.count, min(max(1, int(value)), devices.count), key=key, step=1,
+                                     help=help))
+    column.caption(f"Devices found: {devices.describe()}.")
+    return chosen
 
 
 # ------------------------------------------------------------------ selection in the URL

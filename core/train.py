@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from core import runstate
+from core import distributed, runstate
 from core.errors import RunError, TrainingDiverged, UserError
 from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
-from core.models import ResolvedModel, load_base_model, resolve_model
+from core.models import ResolvedModel, load_base_model, pick_device, resolve_model
 from core.preflight import check_output_folder, check_target_modules, make_output_folder
 from core.prompting import EncodedExample, collate, encode_example
 from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
@@ -74,6 +74,15 @@ class BatchOrder:
     def indices(self, micro_batch: int) -> list[int]:
         start = micro_batch * self.batch_size
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    """AdamW over the adapter; paged (bitsandbytes) on CUDA when asked, as QLoRA trains."""
+    if cfg.optimizer == "paged_adamw":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,7 +181,7 @@ def _find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _settle_checkpoints(run_dir: Path) -> Path | None:
+def settle_checkpoints(run_dir: Path) -> Path | None:
     """Finish a swap that a kill interrupted, so that only checkpoint/ is left; returns it."""
     best = _find_checkpoint(run_dir)
     if best is None:
@@ -233,6 +242,7 @@ class Trainer:
         # Set once every check passed and the run folder is this run's to write; before
         # that a failure must leave the folder (maybe another run's) untouched.
         self._owns_folder = False
+        self.dist = distributed.DistContext()  # the one-process run until setup joins a launcher's group
 
     # --- setup ---
     def _check_out_dir(self) -> None:
@@ -249,7 +259,8 @@ class Trainer:
         elif not runstate.folder_is_empty_or_missing(self.run_dir):
             raise UserError(f"output folder {self.run_dir} already holds files; choose a new folder or use --resume")
 
-    def setup(self) -> None:
+    def check_inputs(self):
+        """Every check that needs no model, before anything is written; returns the training data."""
         from core.data import load_training_data
 
         self._check_out_dir()
@@ -257,20 +268,36 @@ class Trainer:
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         planned = resolve_model(self.cfg.model_spec())  # an unknown model must fail before a run folder exists
         check_target_modules(planned.path, self.cfg.target_modules)
-        # A refine run starts from its parent's adapter, unless a checkpoint of its own takes over
-        # (a resumed run that was stopped before its first checkpoint starts over, warm again).
-        warm_start = bool(self.cfg.init_from) and (not self.resume or _find_checkpoint(self.run_dir) is None)
-        if warm_start:
+        if self.cfg.optimizer == "paged_adamw" and pick_device(self.cfg.device) != "cuda":
+            raise UserError("optimizer paged_adamw needs a CUDA GPU (bitsandbytes pages its state between GPU and CPU "
+                            "memory); use adamw on CPU")
+        if self._warm_start():
             from core.refine import check_warm_start
 
             check_warm_start(self.cfg)  # a bad parent run must fail before a run folder exists
-        make_output_folder(self.run_dir)
-        self._owns_folder = True
-        if not self.resume:
-            # The config comes first, so a run killed at any later moment can be resumed.
-            self._write_config(planned)
-        self._log_handler = runstate.attach_log(self.run_dir, "train.log")
-        runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
+        return data, planned
+
+    def _warm_start(self) -> bool:
+        # A refine run starts from its parent's adapter, unless a checkpoint of its own takes over
+        # (a resumed run that was stopped before its first checkpoint starts over, warm again).
+        return bool(self.cfg.init_from) and (not self.resume or _find_checkpoint(self.run_dir) is None)
+
+    def setup(self) -> None:
+        from core.data import load_training_data
+
+        self.dist = distributed.context(self.cfg.device)
+        warm_start = self._warm_start()
+        if self.dist.is_main:
+            data, planned = self.check_inputs()
+            make_output_folder(self.run_dir)
+            self._owns_folder = True
+            if not self.resume:
+                # The config comes first, so a run killed at any later moment can be resumed.
+                self._write_config(planned)
+            self._log_handler = runstate.attach_log(self.run_dir, "train.log")
+            runstate.write_status(self.run_dir, "running", step=0, total_steps=self.cfg.steps, phase="loading model")
+        else:  # the launcher and the main process checked the folder; only the main one writes it
+            data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         torch.manual_seed(self.cfg.seed)
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
         self.qcfg = self.cfg.qdylora_config()
@@ -286,14 +313,19 @@ class Trainer:
         report["skipped_rows"] = data.skipped
         if not self.examples:
             raise UserError(f"{self.cfg.data}: every example is longer than max_length={self.cfg.max_length} before its answer starts")
-        runstate.write_json_atomic(self.run_dir / "data_report.json", report)
+        if self.dist.is_main:
+            runstate.write_json_atomic(self.run_dir / "data_report.json", report)
         self.order = BatchOrder(len(self.examples), self.cfg.batch_size, self.cfg.seed)
         self.params = adapter_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = make_optimizer(self.cfg, self.params)
         warmup = int(round(self.cfg.warmup_ratio * self.cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg.lr_schedule, self.cfg.steps, warmup))
         self.sampler = RankSampler(self.qcfg, self.cfg.seed)
-        checkpoint = _settle_checkpoints(self.run_dir) if self.resume else None
+        checkpoint = None
+        if self.resume:
+            # Only the main process repairs a swap a kill interrupted (the --processes launcher did it
+            # before any process started); the others read what is there.
+            checkpoint = settle_checkpoints(self.run_dir) if self.dist.is_main else _find_checkpoint(self.run_dir)
         if checkpoint is not None:
             meta = _load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.sampler)
             self.step, self.histogram, self.losses = meta["step"], meta["histogram"], meta["recent_losses"]
@@ -302,7 +334,8 @@ class Trainer:
         else:
             if self.resume:
                 log.info("no checkpoint was saved before the run stopped: starting again from step 0")
-            self._write_config(self.resolved, adapted_modules=self.adapted)
+            if self.dist.is_main:
+                self._write_config(self.resolved, adapted_modules=self.adapted)
         self.data_report = report
 
     def _write_config(self, resolved: ResolvedModel, **extra) -> None:
@@ -312,13 +345,15 @@ class Trainer:
         })
 
     def _emit(self, event: dict) -> None:
+        if not self.dist.is_main:
+            return
         event.setdefault("time", time.time())
         runstate.append_event(self.run_dir, event)
         self.on_event(event)
 
     # --- the loop ---
     def _micro_batch(self, k: int) -> dict[str, torch.Tensor]:
-        batch = collate([self.examples[i] for i in self.order.indices(k)], self.tokenizer.pad_token_id)
+        batch = collate([self.examples[i] for i in self.dist.shard(self.order.indices(k))], self.tokenizer.pad_token_id)
         device = self.resolved.device
         return {key: value.to(device) for key, value in batch.items()}
 
@@ -327,6 +362,15 @@ class Trainer:
         bs, accum, k = self.cfg.batch_size, self.cfg.grad_accum, len(sampled)
         n = bs * accum
         return [[sampled[(m * bs + i) * k // n] for i in range(bs)] for m in range(accum)]
+
+    def _loss_share(self, k: int) -> float:
+        """This process's share of micro-batch k's label tokens: weighting its token-mean loss by it makes
+        the gradients summed over processes the gradient of the whole micro-batch's token mean (1 alone)."""
+        if not self.dist.active:
+            return 1.0
+        everyone = self.order.indices(k)
+        label_tokens = [sum(label != -100 for label in self.examples[i].labels[1:]) for i in everyone]
+        return sum(self.dist.shard(label_tokens)) / max(1, sum(label_tokens))
 
     def _set_ranks(self, ranks: list[int]) -> None:
         if len(set(ranks)) == 1:
@@ -341,27 +385,33 @@ class Trainer:
         passes = 1 + len(extra)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.active:
+            torch.manual_seed(self.dist.dropout_seed(self.cfg.seed, self.step))
         total_loss, tokens = 0.0, 0
         for micro, micro_ranks in enumerate(self.step_ranks(sampled)):
-            batch = self._micro_batch(self.step * self.cfg.grad_accum + micro)
+            k = self.step * self.cfg.grad_accum + micro
+            batch = self._micro_batch(k)
+            share = self._loss_share(k)
             teacher = None
             for i, extra_rank in enumerate(extra):
                 set_rank(self.model, extra_rank)
                 out = self.model(**batch)
-                (out.loss / (self.cfg.grad_accum * passes)).backward()
+                (out.loss * share / (self.cfg.grad_accum * passes)).backward()
                 if i == 0 and self.qcfg.distill > 0:
                     teacher = out.logits.detach()
                 del out
-            self._set_ranks(micro_ranks)
+            self._set_ranks(self.dist.shard(micro_ranks))
             out = self.model(**batch)
             loss = out.loss
             if teacher is not None:
                 w = self.qcfg.distill
                 loss = (1 - w) * loss + w * distillation_loss(out.logits, teacher, batch["labels"])
-            (loss / (self.cfg.grad_accum * passes)).backward()
-            total_loss += out.loss.item() / self.cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            (loss * share / (self.cfg.grad_accum * passes)).backward()
+            total_loss += out.loss.item() * share / self.cfg.grad_accum
+            tokens += sum(len(self.examples[i].input_ids) for i in self.order.indices(k))
             del out, teacher
+        self.dist.sum_gradients(self.params)
+        total_loss = self.dist.sum_float(total_loss, self.resolved.device)
         set_rank(self.model, max(sampled + extra))
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -378,16 +428,18 @@ class Trainer:
             "examples": len(self.examples), "truncated": self.data_report["truncated"],
             "trainable_params": adapter_param_count(self.model, cfg.r_max), "model": self.resolved.name,
             "quant": self.resolved.quant, "device": self.resolved.device,
+            "processes": self.dist.world, "backend": self.dist.backend,
         })
-        runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training")
+        self._write_status("running", phase="training")
         started, first_step = time.time(), self.step
         status = "completed"
         while self.step < cfg.steps:
-            if self.should_stop():
+            if self.dist.any(self.should_stop(), self.resolved.device):
                 status = "cancelled"
                 break
             t0 = time.time()
             ranks = self.sampler.sample_step(self.qcfg.ranks_per_step)
+            self.dist.check_same_ranks(ranks, self.resolved.device)
             loss, tokens = self.train_step(ranks)
             if not math.isfinite(loss):
                 self._diverged(f"the loss became {loss} at step {self.step + 1}")
@@ -407,7 +459,7 @@ class Trainer:
             log.info("step %d/%d loss %.4f rank %s", self.step, cfg.steps, loss, ",".join(map(str, ranks)))
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
-            runstate.write_status(self.run_dir, "running", step=self.step, total_steps=cfg.steps, phase="training", loss=loss)
+            self._write_status("running", phase="training", loss=loss)
         if status == "cancelled":
             self.save_checkpoint()
         return self.finish(status)
@@ -418,26 +470,33 @@ class Trainer:
         raise TrainingDiverged(f"training diverged: {what}; the run stopped and {kept}. "
                                "Lower the learning rate or alpha and start a new run")
 
+    def _write_status(self, status: str, **fields) -> None:
+        if self.dist.is_main:
+            runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, **fields)
+
     def save_checkpoint(self) -> None:
         # Never overwrite the last good checkpoint with weights that are no numbers any more.
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
             self._diverged(f"the adapter weights stopped being finite numbers at step {self.step}")
+        if not self.dist.is_main:
+            return
         _save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.sampler, self.step, self.histogram, self.losses)
         runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
         self.checkpoint_step = self.step
 
     def finish(self, status: str) -> TrainResult:
         set_rank(self.model, self.cfg.r_max)
-        save_adapter(self.model, self.qcfg, self.run_dir / ADAPTER_DIR)
-        runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
         final_loss = self.losses[-1] if self.losses else None
-        runstate.write_status(self.run_dir, status, step=self.step, total_steps=self.cfg.steps, loss=final_loss)
+        if self.dist.is_main:
+            save_adapter(self.model, self.qcfg, self.run_dir / ADAPTER_DIR)
+            runstate.write_json_atomic(self.run_dir / "rank_histogram.json", dict(sorted(self.histogram.items(), key=lambda kv: int(kv[0]))))
+        self._write_status(status, loss=final_loss)
         self._emit({"event": "end", "status": status, "step": self.step, "total_steps": self.cfg.steps})
         log.info("run %s at step %d", status, self.step)
         return TrainResult(self.run_dir, status, self.step, self.cfg.steps, final_loss)
 
     def fail(self, exc: BaseException) -> None:
-        if self._owns_folder:
+        if self._owns_folder and self.dist.is_main:
             runstate.record_failure(self.run_dir, exc, step=self.step, total_steps=self.cfg.steps)
 
     def cleanup(self) -> None:

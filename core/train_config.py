@@ -17,6 +17,7 @@ from core.qdylora.config import (
 from core.validation import number_problem
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "paged_adamw")
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Defaults as shipped in version 1 (α/b, uniform rank sampling, lr 2e-4); "
                    "bench/README.md §6 compares them with dedicated QLoRA runs.")
@@ -57,6 +58,7 @@ class TrainConfig(ConfigDict):
     lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES, "help": "constant (QLoRA default), linear or cosine decay after warmup."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps with linear warmup."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on adapters."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch) or paged_adamw (bitsandbytes' paged AdamW, 32-bit state; CUDA only: absorbs memory spikes as in QLoRA)."})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA uses 0.3); 0 disables."})
     max_length: int = field(default=256, metadata={"help": "Tokens per example; longer ones are cut (counted in data_report.json)."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order, dropout and rank draws."})
@@ -71,6 +73,8 @@ class TrainConfig(ConfigDict):
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_ratio < 1:

@@ -451,7 +451,7 @@ def train_form_defaults(preset: str | None = None) -> dict:
     values (the first preset by default) plus the fields that presets leave alone."""
     preset = preset if preset in PRESETS else next(iter(PRESETS))
     return dict(preset=preset, dataset=None, model="default", model_path="", rank_list="1,2,4,8",
-                grad_accum=1, name="run", **PRESETS[preset])
+                grad_accum=1, name="run", processes=1, **PRESETS[preset])
 
 
 @dataclass
@@ -475,6 +475,7 @@ class TrainForm:
     method: str = "qdylora"
     scale: str | None = None        # None: the method's recommended rule
     ranks_per_step: int = 1
+    processes: int = 1          # data-parallel training processes (qdylora train --processes)
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -510,6 +511,9 @@ def train_problems(form: TrainForm) -> list[str]:
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
+    if form.processes > 1 and form.batch_size % form.processes:
+        problems.append(f"Batch size {form.batch_size} does not divide by {form.processes} processes: each process "
+                        "takes an equal share of every batch.")
     return problems
 
 
@@ -527,6 +531,8 @@ def train_args(form: TrainForm) -> list[str]:
             "--method", form.method, "--ranks-per-step", form.ranks_per_step] + (["--scale", form.scale] if form.scale else [])
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
+    if form.processes > 1:
+        args += ["--processes", form.processes]
     return [str(a) for a in args]
 
 
@@ -612,7 +618,8 @@ def sweep_problems(ranks: list[int], metrics: list[str], max_prompts, max_new_to
 
 
 def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: int | None, max_new_tokens: int,
-               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str | None = None) -> list[str]:
+               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str | None = None,
+               workers: int = 1) -> list[str]:
     """CLI arguments of `python -m core sweep` (without --out); the recommendation uses
     `recommend_metric` when it is measured, else the default among `metrics`."""
     from core.evaluation.recommend import default_metric
@@ -629,6 +636,8 @@ def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: i
             "--threshold", str(threshold), "--no-progress"]
     if max_prompts:
         args += ["--max-prompts", str(int(max_prompts))]
+    if workers > 1:
+        args += ["--workers", str(int(workers))]
     return args
 
 

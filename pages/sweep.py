@@ -92,6 +92,12 @@ new_tokens = ui.number_field(c[1], "Answer length (tokens)", 64, wd.SWEEP_LIMITS
                              step=1)
 latency = c[2].checkbox("Measure speed", value=True, key="sw-latency",
                         help="Time to first token and ms per token, with the adapter and merged.")
+workers = ui.parallel_choice(
+    st.columns(3)[0], "Sweep workers", "sw-workers", 1,
+    help="Processes measuring different ranks at once (one per GPU, or sharing the CPU cores); the results are the "
+         "same files. On a shared CPU the speed numbers are measured under each other's load.")
+if workers > 1 and len(ranks) < workers:
+    st.caption(f"{workers} workers for {len(ranks)} rank{'s' if len(ranks) != 1 else ''}: one worker per rank will run.")
 name = st.text_input("Sweep name", value=f"{run.name}-sweep", max_chars=60, key="sw-name")
 problems = wd.sweep_problems(ranks, metrics, max_prompts, new_tokens, n_eval=dataset.n_eval)
 for p in problems:
@@ -102,7 +108,7 @@ st.caption(f"{units} answers of up to {new_tokens} tokens will be generated"
 if st.button("Start sweep", type="primary", disabled=bool(problems), icon=":material/play_arrow:"):
     try:
         args = wd.sweep_args(run.out_dir, dataset.eval_path, sorted(ranks), max_prompts=int(max_prompts),
-                             max_new_tokens=int(new_tokens), metrics=metrics, latency=latency)
+                             max_new_tokens=int(new_tokens), metrics=metrics, latency=latency, workers=workers)
         new = store.submit("sweep", name or "sweep", args, parent_id=run.id)
     except UserError as exc:
         st.error(str(exc))

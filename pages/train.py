@@ -169,11 +169,16 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     grad_accum = keep("grad_accum", ui.number_field(c[2], "Gradient accumulation", int(values["grad_accum"]),
                                                     limits["grad_accum"], key="f-grad_accum", step=1))
     name = keep("name", c[3].text_input("Run name", value=values["name"], max_chars=60, key="f-name"))
+    processes = keep("processes", ui.parallel_choice(
+        st.columns(4)[0], "Training processes", "f-processes", values.get("processes", 1),
+        help="Data-parallel training through Accelerate: each process takes an equal share of every batch (the batch "
+             "size must divide by it) and they train the same adapter as one process would. One process per GPU; "
+             "on CPU they share the cores, so expect a small gain (docs/SCALING.md)."))
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
                         batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum),
-                        method=method, scale=scale, ranks_per_step=int(ranks_per_step))
+                        method=method, scale=scale, ranks_per_step=int(ranks_per_step), processes=int(processes))
     problems = wd.train_problems(form)
 
     # -------- estimate before launch

@@ -407,6 +407,7 @@ class Sweep:
         self.on_event = on_event or (lambda e: None)
         self.should_stop = should_stop or (lambda: False)
         self._log_handler = None
+        self.workers_note: str | None = None  # fewer sweep workers than asked for, and why
 
     def _emit(self, event: dict) -> None:
         event.setdefault("time", time.time())
@@ -415,9 +416,10 @@ class Sweep:
 
     def validate(self) -> None:
         """Every check that needs no model, before anything is written."""
-        from core.data import load_eval_sets
-        from core.runs import run_info
+        self._check_folder()
+        self._read_inputs()
 
+    def _check_folder(self) -> None:
         check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
         if self.resume:
             self.cfg = load_sweep_config(self.out)
@@ -426,6 +428,11 @@ class Sweep:
                 raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
         elif not runstate.folder_is_empty_or_missing(self.out):
             raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
+
+    def _read_inputs(self) -> None:
+        from core.data import load_eval_sets
+        from core.runs import run_info
+
         info = run_info(Path(self.cfg.run))
         if not info["has_adapter"]:
             raise UserError(f"run {self.cfg.run} has no saved adapter yet; wait for it to finish or resume it")
@@ -441,8 +448,11 @@ class Sweep:
         self.run_status = info["status"]
 
     def setup(self) -> None:
+        self._open_folder()
+        self._load_models()
+
+    def _open_folder(self) -> None:
         from core.evaluation.metrics import SemanticSimilarity
-        from core.runs import load_run
 
         make_output_folder(self.out)
         # The config comes first, so a sweep killed at any later moment can be resumed.
@@ -455,15 +465,22 @@ class Sweep:
         self.metrics = list(self.cfg.metrics)
         if "similarity" in self.metrics:
             ok, reason = SemanticSimilarity.availability()
-            if ok:
-                self.similarity = SemanticSimilarity()
-            else:
+            if not ok:
                 self.metrics.remove("similarity")
                 self.notes.append(reason)
+        self.results = read_rank_results(self.out) if self.resume else {}
+
+    def _load_models(self) -> None:
+        """The run's model (and the similarity model): what measuring a rank needs."""
+        from core.evaluation.metrics import SemanticSimilarity
+        from core.runs import load_run
+
+        if "similarity" in self.metrics:
+            self.similarity = SemanticSimilarity()
         self.loaded = load_run(Path(self.cfg.run))
+        self.model_meta = self.loaded.resolved.to_dict()
         self.base_mb = self._base_bytes() / 2**20
         self.merged = None
-        self.results = read_rank_results(self.out) if self.resume else {}
 
     def _base_bytes(self) -> int:
         adapter = sum(p.numel() * p.element_size() for layer in qdylora_layers(self.loaded.model).values() for p in (layer.lora_A, layer.lora_B))
@@ -540,15 +557,32 @@ class Sweep:
                     row["fact_recall"] = fact_recall(row["answer"], it.must_include)
         return rows
 
-    def run(self) -> SweepResult:
-        todo = [b for b in self.ranks if b not in self.results]
+    def todo(self) -> list[int]:
+        return [b for b in self.ranks if b not in self.results]
+
+    def _begin(self, todo: list[int], **extra) -> tuple[int, int]:
+        """The start event; returns (units done before this start, units in all)."""
         total_units = len(self.ranks) * len(self.items)
         done_units = (len(self.ranks) - len(todo)) * len(self.items)
         self.units_at_start = done_units
-        started = time.time()
-        run_meta = {"model": self.loaded.resolved.to_dict(), "r_max": self.r_max, "run_status": self.run_status}
+        if self.workers_note:
+            extra["workers_note"] = self.workers_note
+            log.info(self.workers_note)
         self._emit({"event": "start", "ranks": self.ranks, "todo": todo, "prompts": len(self.items),
-                    "total_units": total_units, "done_units": done_units, "notes": self.notes})
+                    "total_units": total_units, "done_units": done_units, "notes": self.notes, **extra})
+        return done_units, total_units
+
+    def _rank_finished(self, rank: int, result: dict) -> None:
+        (self.out / RANKS_DIR).mkdir(exist_ok=True)
+        runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
+        self.results[rank] = result
+        self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
+        log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+
+    def run(self) -> SweepResult:
+        todo = self.todo()
+        done_units, total_units = self._begin(todo)
+        started = time.time()
         status = "completed"
         for rank in todo:
             runstate.write_status(self.out, "running", phase=f"rank {rank}", ranks=self.ranks, ranks_done=sorted(self.results))
@@ -557,12 +591,16 @@ class Sweep:
             if result is None:
                 status = "cancelled"
                 break
-            (self.out / RANKS_DIR).mkdir(exist_ok=True)
-            runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
-            self.results[rank] = result
+            self._rank_finished(rank, result)
             done_units += len(self.items)
-            self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
-            log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+        return self.finish(status)
+
+    def finish(self, status: str) -> SweepResult:
+        """Tables, decision and status from every finished rank (this start's and earlier ones')."""
+        run_meta = {"model": self.model_meta, "r_max": self.r_max, "run_status": self.run_status}
+        workers = max((int(r.get("workers", 1)) for r in self.results.values()), default=1)
+        if workers > 1:  # speed was measured with workers sharing the machine: a condition of the numbers
+            run_meta["workers"] = workers
         recommendation = write_outputs(self.out, self.cfg, self.results, self.notes, self.skipped, run_meta)
         runstate.write_status(self.out, status, ranks=self.ranks, ranks_done=sorted(self.results))
         self._emit({"event": "end", "status": status, "ranks_done": sorted(self.results)})
@@ -581,10 +619,18 @@ class Sweep:
         runstate.detach_log(self._log_handler)
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None,
+              workers: int = 1) -> SweepResult:
+    """Measure the ranks; with `workers` > 1, worker processes measure different ranks at once
+    (see core.evaluation.sharded) and the files written are the same."""
+    from core.evaluation import sharded
+
     sweep = Sweep(cfg, resume, on_event, should_stop)
     sweep.validate()  # raises before anything is written
+    workers, sweep.workers_note = sharded.check_workers(workers, sweep)  # bad input raises here too
     try:
+        if workers > 1:
+            return sharded.run_sharded(sweep, workers)
         sweep.setup()
         return sweep.run()
     except BaseException as exc:
