@@ -69,6 +69,9 @@ summary, per_prompt = view.summary, view.per_prompt
 if job.status != "completed":
     st.warning(f"This sweep is {ui.STATUS_WORDS.get(job.status, job.status)}; it shows the ranks measured so far: "
                + ", ".join(map(str, view.ranks_done)))
+if view.summary_problem:
+    st.warning(view.summary_problem, icon=":material/warning:")
+    st.stop()
 if summary is None or summary.empty or not view.metrics or per_prompt is None or per_prompt.empty:
     st.info("This sweep has no quality numbers yet.")
     st.stop()
@@ -219,8 +222,9 @@ with tab_play:
                               placeholder="e.g. " + str(per_prompt["prompt"].iloc[0]))
     pg_ranks = c[1].multiselect("Ranks (0 = base model)", list(range(r_max + 1)), key="pg-ranks", format_func=w.rank_label,
                                 default=sorted({0, chosen or 0, r_max}))
-    tokens = c[2].number_input("Answer length", 8, pg.MAX_NEW_TOKENS, 64, step=8, key="pg-tokens",
-                               help="Most tokens per answer")
+    # ui.number_field: an out-of-range length reaches pg.ask's check instead of staying in the browser.
+    tokens = ui.number_field(c[2], "Answer length", 64, (1, pg.MAX_NEW_TOKENS), key="pg-tokens", step=8,
+                             help="Most tokens per answer.")
     buttons = st.container(horizontal=True)
     if buttons.button("Ask", type="primary", icon=":material/send:", key="pg-ask", disabled=folder is None):
         try:

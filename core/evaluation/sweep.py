@@ -22,6 +22,8 @@ import torch
 from core import runstate
 from core.config_io import ConfigDict
 from core.errors import UserError
+from core.fileio import DamagedFile, read_json, read_json_object
+from core.preflight import check_output_folder, make_output_folder
 from core.models import model_footprint_bytes
 from core.prompting import collate, encode_example, token_nll
 from core.qdylora import qdylora_layers, set_rank
@@ -93,7 +95,7 @@ class SweepConfig(ConfigDict):
     latency_repeats: int = field(default=3, metadata={"help": "Timed repeats per latency prompt (median taken after one warm-up)."})
     latency_prompts: int = field(default=2, metadata={"help": "How many prompts latency is measured on (batch size 1)."})
     latency_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per latency measurement."})
-    recommend_metric: str = field(default="ref_nll", metadata={"help": "Metric the recommendation uses (changeable later without re-running)."})
+    recommend_metric: str | None = field(default=None, metadata={"help": "Metric the recommendation uses, one of `metrics` (changeable later without re-running); None = the default deciding metric among `metrics` (ref_nll when measured)."})
     threshold: float = field(default=0.95, metadata={"help": "Share of the best rank's score a rank must reach."})
     n_bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
     seed: int = field(default=0, metadata={"help": "Seed for the bootstrap."})
@@ -111,8 +113,16 @@ class SweepConfig(ConfigDict):
             problems.append("latency_new_tokens must be at least 2")
         if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
             problems.append(f"max_prompts must be a positive integer, got {self.max_prompts!r}")
+        if self.recommend_metric is None:
+            from core.evaluation.recommend import DEFAULT_METRIC, default_metric
+
+            self.recommend_metric = (default_metric(self.metrics)[0] if self.metrics and not unknown else None) or DEFAULT_METRIC
         if self.recommend_metric not in QUALITY_METRICS:
             problems.append(f"recommend metric must be one of {', '.join(QUALITY_METRICS)}")
+        elif self.recommend_metric not in self.metrics and self.metrics and not unknown:
+            # Recommending by a metric that is not measured would silently use another one.
+            problems.append(f"the recommend metric {self.recommend_metric} is not among the metrics measured "
+                            f"({', '.join(self.metrics)}); add it to the metrics or recommend by one of them")
         if not 0 < self.threshold <= 1:
             problems.append(f"threshold must be in (0, 1], got {self.threshold!r}")
         if problems:
@@ -309,11 +319,11 @@ def read_rank_results(out: Path) -> dict[int, dict]:
     folder = out / RANKS_DIR
     if folder.is_dir():
         for path in folder.glob("rank_*.json"):
+            data = read_json_object(path)
             try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue  # a half-written file: that rank is measured again
-            results[int(data["summary"]["rank"])] = data
+                results[int(data["summary"]["rank"])] = data
+            except (TypeError, KeyError, ValueError):
+                continue  # a damaged file: that rank is measured again
     return results
 
 
@@ -346,24 +356,45 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
 def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
     """Recommendation from a sweep's per_prompt.csv with any metric and threshold, no re-run."""
-    import pandas as pd
-
     from core.evaluation.recommend import recommend_rank
+    from core.evaluation.summary import read_per_prompt
 
-    path = Path(sweep_dir) / "per_prompt.csv"
-    if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep folder with results (no per_prompt.csv)")
-    per_prompt = pd.read_csv(path)
+    per_prompt = read_per_prompt(sweep_dir)
     if metric not in per_prompt.columns or per_prompt[metric].isna().all():
         raise UserError(f"sweep {sweep_dir} did not measure {metric}")
-    saved = (json.loads((Path(sweep_dir) / "config.json").read_text()).get("config") or {}
-             if (Path(sweep_dir) / "config.json").is_file() else {})
+    saved = (read_json_object(Path(sweep_dir) / "config.json") or {}).get("config")
+    saved = saved if isinstance(saved, dict) else {}
+
+    def setting(name: str, default: int) -> int:
+        value = saved.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
     try:
         # the sweep's own resamples and seed, so the same question gets the sweep's answer
-        return recommend_rank(per_prompt, metric, threshold, n_resamples=int(saved.get("n_bootstrap") or 2000),
-                              seed=int(saved.get("seed") or 0))
+        return recommend_rank(per_prompt, metric, threshold, n_resamples=max(1, setting("n_bootstrap", 2000)),
+                              seed=setting("seed", 0))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def load_sweep_config(out: Path) -> SweepConfig:
+    """The config a sweep folder was started with (for --resume), checked through."""
+    saved = Path(out) / "config.json"
+    try:
+        data = read_json(saved, "sweep config")
+    except FileNotFoundError:
+        raise UserError(f"{out} is not a sweep folder to resume (no config.json)") from None
+    except DamagedFile as exc:
+        raise UserError(f"{exc}; the sweep cannot be resumed, start a new one") from None
+    if isinstance(data, dict) and "train" in data:
+        raise UserError(f"{out} is a training run folder, not a sweep; continue a run with "
+                        f"`qdylora train --resume --out {out}`")
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise UserError(f"{saved} is not a sweep config")
+    try:
+        return SweepConfig.from_dict(data["config"] | {"out": str(out)})
+    except UserError as exc:
+        raise UserError(f"{saved} is damaged: {str(exc).removeprefix('invalid sweep config: ')}") from None
 
 
 # ------------------------------------------------------------------ the sweep
@@ -376,6 +407,7 @@ class Sweep:
         self.on_event = on_event or (lambda e: None)
         self.should_stop = should_stop or (lambda: False)
         self._log_handler = None
+        self.workers_note: str | None = None  # fewer sweep workers than asked for, and why
 
     def _emit(self, event: dict) -> None:
         event.setdefault("time", time.time())
@@ -384,19 +416,23 @@ class Sweep:
 
     def validate(self) -> None:
         """Every check that needs no model, before anything is written."""
+        self._check_folder()
+        self._read_inputs()
+
+    def _check_folder(self) -> None:
+        check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
+        if self.resume:
+            self.cfg = load_sweep_config(self.out)
+            status = runstate.read_status(self.out)
+            if status and status.get("status") == "running":
+                raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
+        elif not runstate.folder_is_empty_or_missing(self.out):
+            raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
+
+    def _read_inputs(self) -> None:
         from core.data import load_eval_sets
         from core.runs import run_info
 
-        if self.resume:
-            saved = self.out / "config.json"
-            if not saved.is_file():
-                raise UserError(f"{self.out} is not a sweep folder to resume (no config.json)")
-            status = runstate.read_status(self.out)
-            if status and status["status"] == "running":
-                raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
-            self.cfg = SweepConfig.from_dict(json.loads(saved.read_text())["config"] | {"out": str(self.out)})
-        elif not runstate.folder_is_empty_or_missing(self.out):
-            raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
         info = run_info(Path(self.cfg.run))
         if not info["has_adapter"]:
             raise UserError(f"run {self.cfg.run} has no saved adapter yet; wait for it to finish or resume it")
@@ -412,12 +448,16 @@ class Sweep:
         self.run_status = info["status"]
 
     def setup(self) -> None:
-        from core.evaluation.metrics import SemanticSimilarity
-        from core.runs import load_run
+        self._open_folder()
+        self._load_models()
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._log_handler = runstate.attach_log(self.out, "sweep.log")
+    def _open_folder(self) -> None:
+        from core.evaluation.metrics import SemanticSimilarity
+
+        make_output_folder(self.out)
+        # The config comes first, so a sweep killed at any later moment can be resumed.
         runstate.write_json_atomic(self.out / "config.json", {"config": self.cfg.to_dict(), "created_at": time.time()})
+        self._log_handler = runstate.attach_log(self.out, "sweep.log")
         runstate.write_status(self.out, "running", phase="loading model", ranks=self.ranks)
         self.notes: list[str] = []
         if self.run_status and self.run_status.get("status") != "completed":
@@ -425,15 +465,22 @@ class Sweep:
         self.metrics = list(self.cfg.metrics)
         if "similarity" in self.metrics:
             ok, reason = SemanticSimilarity.availability()
-            if ok:
-                self.similarity = SemanticSimilarity()
-            else:
+            if not ok:
                 self.metrics.remove("similarity")
                 self.notes.append(reason)
+        self.results = read_rank_results(self.out) if self.resume else {}
+
+    def _load_models(self) -> None:
+        """The run's model (and the similarity model): what measuring a rank needs."""
+        from core.evaluation.metrics import SemanticSimilarity
+        from core.runs import load_run
+
+        if "similarity" in self.metrics:
+            self.similarity = SemanticSimilarity()
         self.loaded = load_run(Path(self.cfg.run))
+        self.model_meta = self.loaded.resolved.to_dict()
         self.base_mb = self._base_bytes() / 2**20
         self.merged = None
-        self.results = read_rank_results(self.out) if self.resume else {}
 
     def _base_bytes(self) -> int:
         adapter = sum(p.numel() * p.element_size() for layer in qdylora_layers(self.loaded.model).values() for p in (layer.lora_A, layer.lora_B))
@@ -510,15 +557,32 @@ class Sweep:
                     row["fact_recall"] = fact_recall(row["answer"], it.must_include)
         return rows
 
-    def run(self) -> SweepResult:
-        todo = [b for b in self.ranks if b not in self.results]
+    def todo(self) -> list[int]:
+        return [b for b in self.ranks if b not in self.results]
+
+    def _begin(self, todo: list[int], **extra) -> tuple[int, int]:
+        """The start event; returns (units done before this start, units in all)."""
         total_units = len(self.ranks) * len(self.items)
         done_units = (len(self.ranks) - len(todo)) * len(self.items)
         self.units_at_start = done_units
-        started = time.time()
-        run_meta = {"model": self.loaded.resolved.to_dict(), "r_max": self.r_max, "run_status": self.run_status}
+        if self.workers_note:
+            extra["workers_note"] = self.workers_note
+            log.info(self.workers_note)
         self._emit({"event": "start", "ranks": self.ranks, "todo": todo, "prompts": len(self.items),
-                    "total_units": total_units, "done_units": done_units, "notes": self.notes})
+                    "total_units": total_units, "done_units": done_units, "notes": self.notes, **extra})
+        return done_units, total_units
+
+    def _rank_finished(self, rank: int, result: dict) -> None:
+        (self.out / RANKS_DIR).mkdir(exist_ok=True)
+        runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
+        self.results[rank] = result
+        self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
+        log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+
+    def run(self) -> SweepResult:
+        todo = self.todo()
+        done_units, total_units = self._begin(todo)
+        started = time.time()
         status = "completed"
         for rank in todo:
             runstate.write_status(self.out, "running", phase=f"rank {rank}", ranks=self.ranks, ranks_done=sorted(self.results))
@@ -527,12 +591,16 @@ class Sweep:
             if result is None:
                 status = "cancelled"
                 break
-            (self.out / RANKS_DIR).mkdir(exist_ok=True)
-            runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
-            self.results[rank] = result
+            self._rank_finished(rank, result)
             done_units += len(self.items)
-            self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
-            log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+        return self.finish(status)
+
+    def finish(self, status: str) -> SweepResult:
+        """Tables, decision and status from every finished rank (this start's and earlier ones')."""
+        run_meta = {"model": self.model_meta, "r_max": self.r_max, "run_status": self.run_status}
+        workers = max((int(r.get("workers", 1)) for r in self.results.values()), default=1)
+        if workers > 1:  # speed was measured with workers sharing the machine: a condition of the numbers
+            run_meta["workers"] = workers
         recommendation = write_outputs(self.out, self.cfg, self.results, self.notes, self.skipped, run_meta)
         runstate.write_status(self.out, status, ranks=self.ranks, ranks_done=sorted(self.results))
         self._emit({"event": "end", "status": status, "ranks_done": sorted(self.results)})
@@ -551,10 +619,18 @@ class Sweep:
         runstate.detach_log(self._log_handler)
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None,
+              workers: int = 1) -> SweepResult:
+    """Measure the ranks; with `workers` > 1, worker processes measure different ranks at once
+    (see core.evaluation.sharded) and the files written are the same."""
+    from core.evaluation import sharded
+
     sweep = Sweep(cfg, resume, on_event, should_stop)
     sweep.validate()  # raises before anything is written
+    workers, sweep.workers_note = sharded.check_workers(workers, sweep)  # bad input raises here too
     try:
+        if workers > 1:
+            return sharded.run_sharded(sweep, workers)
         sweep.setup()
         return sweep.run()
     except BaseException as exc:
