@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    from core import threads
+
+    # Before torch is imported: its OpenMP runtime reads the policy when it starts (core/threads.py).
+    threads.configure_job()
     sys.exit(main())
 
 
