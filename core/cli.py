@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated quality metrics: ref_nll, rouge_l, fact_recall, similarity")
     s.add_argument("--latency", default="on", choices=["on", "off"], help="measure latency (unmerged and merged)")
     s.add_argument("--latency-repeats", type=int, default=3)
+    s.add_argument("--quality-path", default="auto", choices=["auto", "merged", "unmerged"],
+                   help="quality metrics on each rank merged into a float copy of the base (faster, same answers), "
+                        "on the adapter over the loaded base, or auto (merged when the copy fits in memory)")
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--recommend-metric", default="ref_nll")

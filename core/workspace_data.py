@@ -660,6 +660,7 @@ class SweepView:
     per_prompt: pd.DataFrame | None
     meta: dict | None                # sweep.json
     sweep_dir: Path | None = None
+    phase: str | None = None         # while running: "latency" (timing the current rank) or "quality" (answering)
 
     @property
     def fraction(self) -> float:
@@ -696,7 +697,7 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     sweep_dir = Path(sweep_dir)
     events = runstate.read_events(sweep_dir)
     done = total = 0
-    eta = current = None
+    eta = current = phase = None
     ranks_done: list[int] = []
     for e in events:
         kind = e.get("event")
@@ -708,10 +709,16 @@ def read_sweep(sweep_dir: Path) -> SweepView:
             total = int(e.get("total_units") or total)
             eta = e.get("eta_s")
             current = e.get("rank")
+            phase = "quality"
+        elif kind == "phase":
+            eta = e.get("eta_s", eta)
+            current = e.get("rank")
+            phase = e.get("phase")
         elif kind == "rank_start":
             current = e.get("rank")
         elif kind == "rank_done" and e.get("rank") is not None:
             ranks_done.append(int(e["rank"]))
+            phase = None
     cfg = (_read_json(sweep_dir / "config.json") or {}).get("config")
     meta = _read_json(sweep_dir / "sweep.json")
     if meta and meta.get("ranks_done"):
@@ -720,7 +727,7 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     if summary is not None and not summary.empty:
         summary = summary.sort_values("rank").reset_index(drop=True)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir)
+                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir, phase)
 
 
 def eval_fact_count(info: DatasetInfo) -> int:

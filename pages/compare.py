@@ -70,6 +70,14 @@ summary, per_prompt = view.summary, view.per_prompt
 if job.status != "completed":
     st.warning(f"This sweep is {ui.STATUS_WORDS.get(job.status, job.status)}; it shows the ranks measured so far: "
                + ", ".join(map(str, view.ranks_done)))
+    if job.active:
+        @st.fragment(run_every="5s")
+        def _next_rank() -> None:
+            """Redraw the page when the running sweep has written another rank."""
+            if summary_file.stat().st_mtime != stamp:
+                st.rerun()
+
+        _next_rank()
 if summary is None or summary.empty or not view.metrics or per_prompt is None or per_prompt.empty:
     st.info("This sweep has no quality numbers yet.")
     st.stop()
