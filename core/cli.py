@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality metrics on each rank merged into a float copy of the base (faster, same answers), "
                         "on the adapter over the loaded base, or auto (merged when the copy fits in memory)")
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=32, help="most prompts per batch (prompts of similar length go together)")
     s.add_argument("--recommend-metric", default="ref_nll")
     s.add_argument("--threshold", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)

@@ -31,8 +31,9 @@ class LossOutput:
     tokens: int                   # labelled tokens the mean is over
 
 
-def fused_head_supported(model: nn.Module) -> bool:
-    """Whether the logits are exactly head(decoder hidden states): a bias-free linear head, frozen, and nothing after it.
+def fused_head_supported(model: nn.Module, training: bool = True) -> bool:
+    """Whether the logits are exactly head(decoder hidden states): a bias-free linear head (frozen, for
+    training), and nothing after it.
 
     (Soft-capped or scaled logits, as some architectures have, would be missed here; the
     trainer also checks the result against model(**batch).loss once before it relies on it.)
@@ -40,7 +41,7 @@ def fused_head_supported(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)
     cfg = getattr(model, "config", None)
-    if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.requires_grad:
+    if not isinstance(head, nn.Linear) or head.bias is not None or (training and head.weight.requires_grad):
         return False
     if body is None or body is model:
         return False
@@ -71,6 +72,40 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], with_logits
     return LossOutput(LinearCrossEntropy.apply(h, head.weight, t), None, int(t.numel()))
 
 
+@torch.no_grad()
+def labelled_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed negative log-likelihood of its labelled tokens, and their count (teacher forcing).
+
+    As core.prompting.token_nll, with the head only on the positions that predict a labelled
+    token and the logits made a slice of rows at a time (a batch of 32 prompts with their
+    references would otherwise hold ~1 GB of float32 logits).
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if not fused_head_supported(model, training=False):
+        from core.prompting import token_nll
+
+        return token_nll(model, batch)
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE
+    nll = nll_from_hidden(model, hidden[:, :-1][selected], targets[selected])
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=device).index_add_(0, selected.nonzero()[:, 0], nll)
+    return sums, selected.sum(dim=1)
+
+
+@torch.no_grad()
+def nll_from_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target | hidden state) per row, through the output head a slice of rows at a time."""
+    weight = model.get_output_embeddings().weight
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, targets.shape[0], rows):
+        logits = nn.functional.linear(hidden[r0:r0 + rows], weight.to(hidden.dtype)).float()
+        nll[r0:r0 + rows] = nn.functional.cross_entropy(logits, targets[r0:r0 + rows], reduction="none")
+    return nll
+
+
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], with_logits: bool = False) -> LossOutput:
     """The same, through the model's own forward and loss (full logits); the fallback of `causal_lm_loss`."""
     out = model(**batch)
@@ -95,20 +130,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(torch.zeros_like(hidden, dtype=torch.float32))
             ctx.n, ctx.dtype = 1, hidden.dtype
             return hidden.new_zeros((), dtype=torch.float32)
-        h = hidden.detach().float()
+        # Logits in the hidden states' dtype, as the model's own head makes them (bfloat16 on a GPU), then float32.
+        h = hidden.detach()
         rows = max(1, min(n, CHUNK_ELEMENTS // 1024))
         cols = max(1, min(vocab, CHUNK_ELEMENTS // rows))
         total = torch.zeros((), dtype=torch.float64, device=h.device)
-        grad = torch.empty_like(h)
+        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         for r0 in range(0, n, rows):
             hr, tr = h[r0:r0 + rows], targets[r0:r0 + rows]
             m = torch.full((hr.shape[0],), -torch.inf, device=h.device)
             s = torch.zeros(hr.shape[0], device=h.device)
-            acc = torch.zeros_like(hr)
+            acc = torch.zeros(hr.shape, dtype=torch.float32, device=h.device)
             target_logit = torch.zeros(hr.shape[0], device=h.device)
             for v0 in range(0, vocab, cols):
-                w = weight[v0:v0 + cols].detach().float()
-                logits = hr @ w.T
+                w = weight[v0:v0 + cols].detach().to(h.dtype)
+                logits = (hr @ w.T).float()
                 hit = (tr >= v0) & (tr < v0 + w.shape[0])
                 if hit.any():
                     target_logit[hit] = logits[hit, tr[hit] - v0]
@@ -116,7 +152,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rescale = torch.exp(m - m_new)
                 logits.sub_(m_new[:, None]).exp_()
                 s = s * rescale + logits.sum(dim=1)
-                acc.mul_(rescale[:, None]).addmm_(logits, w)
+                acc.mul_(rescale[:, None]).addmm_(logits, w.float())
                 m = m_new
             lse = m + torch.log(s)
             total += (lse - target_logit).double().sum()

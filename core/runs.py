@@ -77,6 +77,12 @@ def encode_prompts(tokenizer, prompts: list, device: str) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def prompt_lengths(tokenizer, prompts: list) -> list[int]:
+    """Tokens of each chat-formatted prompt (to batch prompts of similar length together)."""
+    texts = [render_prompt(tokenizer, p if isinstance(p, list) else prompt_messages(p)) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, batch_size: int = 8,
@@ -95,10 +101,16 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, do_samp
 
 @torch.no_grad()
 def generate_encoded(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 128, do_sample: bool = False,
-                     temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_new_tokens: int | None = None) -> list[str]:
-    """Completions for one batch already made by `encode_prompts` (a sweep encodes its prompts once for every rank)."""
+                     temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_new_tokens: int | None = None,
+                     cache=None) -> list[str]:
+    """Completions for one batch already made by `encode_prompts` (a sweep encodes its prompts once for every rank).
+
+    `cache`: a key/value cache that already holds all but the last prompt token (core.evaluation.shared_prompt).
+    """
     model.eval()
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "do_sample": do_sample}
+    if cache is not None:
+        kwargs["cache"] = cache
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:

@@ -130,6 +130,18 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy_across_vocabular
     assert loss.item() != ours.item()                  # the weight is really used
 
 
+def test_linear_cross_entropy_in_16_bits_rounds_logits_as_the_model_head_does():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 16, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(50, 16, generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (9,), generator=gen)
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets)
+    ours = LinearCrossEntropy.apply(hidden, weight, targets)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    ours.backward()
+    assert hidden.grad.dtype == torch.bfloat16
+
+
 def test_a_model_whose_logits_are_not_head_of_hidden_falls_back(tiny_model_dir, mixed_data, tmp_path, monkeypatch):
     trainer = trainer_for(tiny_model_dir, mixed_data, tmp_path / "ok")
     assert fused_head_supported(trainer.model)
@@ -150,6 +162,25 @@ def test_a_model_whose_logits_are_not_head_of_hidden_falls_back(tiny_model_dir, 
     trainer = trainer_for(tiny_model_dir, mixed_data, tmp_path / "scaled")
     assert not trainer.fused_loss and trainer.packed   # packing is checked against the model's own (scaled) loss
     assert "plain computation" in (tmp_path / "scaled" / "train.log").read_text()
+    trainer.cleanup()
+
+
+def test_labelled_nll_equals_the_full_logits_nll(tiny_model_dir, mixed_data, tmp_path, monkeypatch):
+    """The sweep's reference NLL with the head only on reference positions, in slices of rows."""
+    import core.lm_loss as lm
+    from core.lm_loss import labelled_nll
+    from core.prompting import token_nll
+
+    trainer = trainer_for(tiny_model_dir, mixed_data, tmp_path / "run")
+    batch = collate(trainer._micro_examples(0), trainer.tokenizer.pad_token_id)
+    set_rank(trainer.model, 3)
+    trainer.model.eval()
+    with torch.no_grad():
+        want_sums, want_counts = token_nll(trainer.model, batch)
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 7 * trainer.model.config.vocab_size)   # slices of 7 rows
+    sums, counts = labelled_nll(trainer.model, batch)
+    assert counts.tolist() == want_counts.tolist()
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
     trainer.cleanup()
 
 

@@ -63,6 +63,11 @@ def test_merged_and_unmerged_quality_paths_give_the_same_answers_and_nll(runs, q
         assert merged["answer"] == unmerged["answer"], key                 # greedy: the same tokens
         assert float(merged["ref_nll"]) == pytest.approx(float(unmerged["ref_nll"]), abs=1e-4)
         assert merged["ref_tokens"] == unmerged["ref_tokens"]
+    from core.data import load_eval_set
+
+    ids = [it.id for it in load_eval_set(EVAL).items[:6]]
+    rows = read_csv(tmp_path / "merged" / "per_prompt.csv")
+    assert [r["id"] for r in rows] == ids * 3          # the file's order, whatever the batches were
     # the ranks really differ, so the equality above is not the base model's answer three times
     assert len({results["merged"][(str(b), "e001")]["ref_nll"] for b in (0, 1, 4)}) == 3
 
@@ -109,19 +114,21 @@ def test_prompts_and_references_are_encoded_and_embedded_once(run_dir, tmp_path,
         monkeypatch.setattr(SemanticSimilarity, "embed", lambda self, texts: calls["embed"].append(len(texts)) or original(self, texts))
     metrics = ["ref_nll", "rouge_l"] + (["similarity"] if ok else [])
     run_sweep(config(run_dir, tmp_path / "sweep", max_prompts=6, metrics=metrics))
-    assert calls["encode"] == 2                   # 6 prompts in batches of 4, once for all three ranks
+    assert calls["encode"] == 2                   # 6 prompts, at most 4 a batch: two batches of 3, once for all ranks
     if ok:
         assert calls["embed"] == [6, 6, 6, 6]     # the references once, then each rank's answers
 
 
 def test_time_left_counts_the_latency_still_to_measure(run_dir, tmp_path, monkeypatch):
-    """Latency 10 s per rank, 1 s per batch of 2 prompts: the estimate is exact from the second batch on."""
+    """Latency 5 s per timing (each rank unmerged, merged once), 1 s per batch of 2 prompts: exact estimates."""
     clock = [0.0]
     monkeypatch.setattr(sweep_module, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    timings = []
 
     def fake_latency(model, tokenizer, prompts, new_tokens, repeats, suffix=""):
-        clock[0] += 5.0                           # unmerged, then merged: 10 s a rank
-        return {f"ms_per_token{suffix}": 1.0, "latency_runs": 1}
+        clock[0] += 5.0
+        timings.append(suffix)
+        return {"ms_per_token" + suffix: 100.0 + len(timings), "latency_runs": 1}
 
     original_chunk = sweep_module.Sweep._evaluate_chunk
 
@@ -133,14 +140,18 @@ def test_time_left_counts_the_latency_still_to_measure(run_dir, tmp_path, monkey
     monkeypatch.setattr(sweep_module.Sweep, "_evaluate_chunk", timed_chunk)
     events = []
     run_sweep(config(run_dir, tmp_path / "sweep", max_prompts=4, batch_size=2, latency=True), on_event=events.append)
+    assert timings == ["", "_merged", "", ""]           # the merged model is timed once: same computation at every rank
+    summary = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert {r["ms_per_token_merged"] for r in summary} == {"102.0"}
+    assert [r["ms_per_token"] for r in summary] == ["101.0", "103.0", "104.0"]
     progress = [e for e in events if e["event"] in ("prompt", "phase")]
     assert [(e["event"], e["rank"]) for e in progress] == [
         ("phase", 0), ("prompt", 0), ("prompt", 0), ("phase", 1), ("prompt", 1), ("prompt", 1),
         ("phase", 4), ("prompt", 4), ("prompt", 4)]
     assert progress[0]["eta_s"] is None and progress[0]["phase"] == "latency"
-    # after rank 0's first batch: 10 prompts left at 0.5 s, 2 latency phases at 10 s
-    assert progress[1]["eta_s"] == pytest.approx(10 * 0.5 + 2 * 10)
-    assert progress[5]["eta_s"] == pytest.approx(4 * 0.5 + 1 * 10)
+    # after rank 0's first batch: 10 prompts left at 0.5 s, 2 ranks' latency at 5 s
+    assert progress[1]["eta_s"] == pytest.approx(10 * 0.5 + 2 * 5)
+    assert progress[5]["eta_s"] == pytest.approx(4 * 0.5 + 1 * 5)
     assert progress[-1]["eta_s"] == 0                # the last answer is the end: latency was measured first
 
 
@@ -160,3 +171,47 @@ def test_the_sweep_page_knows_when_a_rank_is_being_timed(tmp_path):
     runstate.append_event(tmp_path, {"event": "phase", "rank": 1, "phase": "latency", "done_units": 4, "total_units": 8,
                                      "eta_s": 9.0})
     assert (read_sweep(tmp_path).phase, read_sweep(tmp_path).eta_s) == ("latency", 9.0)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_one_pass_over_each_prompt_gives_the_nll_and_answers_of_two(runs, quant):
+    from core.data import load_eval_set
+    from core.evaluation.shared_prompt import nll_and_answers
+    from core.evaluation.sweep import PreparedChunk, nll_of_batch, reference_batch
+    from core.qdylora import set_rank
+    from core.runs import encode_prompts, generate_encoded, load_run
+
+    loaded = load_run(runs(quant))
+    set_rank(loaded.model, 3)
+    items = load_eval_set(EVAL).items[:5]
+    tok = loaded.tokenizer
+    chunk = PreparedChunk(items, reference_batch(tok, items), encode_prompts(tok, [it.prompt for it in items], loaded.device))
+    assert len({int(n) for n in chunk.prompts["attention_mask"].sum(1)}) > 1        # really left-padded rows
+    nll, answers = nll_and_answers(loaded.model, tok, chunk.prompts, chunk.reference_ids, 10)
+    assert nll is not None and answers is not None                                 # the shared pass applied
+    separate_nll = nll_of_batch(loaded.model, chunk.references)
+    separate_answers = generate_encoded(loaded.model, tok, chunk.prompts, max_new_tokens=10)
+    assert answers == separate_answers
+    for (s, c), (want_s, want_c) in zip(nll, separate_nll):
+        assert c == want_c and s / c == pytest.approx(want_s / want_c, abs=1e-4)
+
+
+def test_quality_path_flag_and_the_size_of_a_float_copy(runs):
+    import torch
+
+    from core.cli import build_parser
+    from core.evaluation.sweep import float_copy_bytes
+    from core.runs import load_run
+
+    args = build_parser().parse_args(["sweep", "--run", "r", "--prompts", "p.jsonl", "--out", "o", "--quality-path", "unmerged"])
+    assert SweepConfig.from_cli(args).quality_path == "unmerged"
+    assert SweepConfig.from_cli(build_parser().parse_args(["sweep", "--run", "r", "--prompts", "p", "--out", "o"])).quality_path == "auto"
+    with pytest.raises(Exception, match="quality_path must be one of"):
+        SweepConfig(run="r", prompts="p", out="o", quality_path="fast")
+    # a 4-bit base unpacks to the same float copy as the float base (adapters not counted, tied weights once)
+    sizes = {}
+    for quant in ("nf4", "none"):
+        model = load_run(runs(quant)).model
+        sizes[quant] = float_copy_bytes(model, torch.float32)
+    plain = {id(p): p.numel() for name, p in load_run(runs("none")).model.named_parameters() if "lora_" not in name}
+    assert sizes["nf4"] == sizes["none"] == 4 * sum(plain.values())

@@ -33,7 +33,7 @@ from core.config_io import ConfigDict
 from core.errors import UserError
 from core.eta import MovingRate, combined_eta
 from core.models import model_footprint_bytes
-from core.prompting import collate, encode_example, token_nll
+from core.prompting import collate, encode_example
 from core.qdylora import qdylora_layers, set_rank
 from core.qdylora.inject import adapter_param_count
 from core.qdylora.layer import is_linear4bit
@@ -105,7 +105,8 @@ class SweepConfig(ConfigDict):
     metrics: list[str] = field(default_factory=lambda: list(QUALITY_METRICS), metadata={"help": "Quality metrics to compute."})
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy answer length limit for ROUGE-L, fact recall and similarity."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (quick looks)."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per forward/generate batch."})
+    batch_size: int = field(default=32, metadata={"help": "Most prompts per forward/generate batch (prompts of similar length "
+                                                             "are batched together; larger batches share each step's weight reads)."})
     latency: bool = field(default=True, metadata={"help": "Measure latency per rank, unmerged and merged."})
     latency_repeats: int = field(default=3, metadata={"help": "Timed repeats per latency prompt (median taken after one warm-up)."})
     latency_prompts: int = field(default=2, metadata={"help": "How many prompts latency is measured on (batch size 1)."})
@@ -174,8 +175,9 @@ def reference_batch(tokenizer, items, max_length: int = 2048) -> dict[str, torch
 
 
 def nll_of_batch(model, batch: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
-    with torch.no_grad():
-        sums, counts = token_nll(model, batch)
+    from core.lm_loss import labelled_nll
+
+    sums, counts = labelled_nll(model, batch)
     return [(float(s), int(c)) for s, c in zip(sums, counts)]
 
 
@@ -194,6 +196,14 @@ class PreparedChunk:
     items: list
     references: dict[str, torch.Tensor] | None   # for the reference NLL (reference_batch)
     prompts: dict[str, torch.Tensor] | None      # left-padded prompts for generation (core.runs.encode_prompts)
+
+    @property
+    def reference_ids(self) -> list[list[int]] | None:
+        """The scored reference tokens of each prompt (what reference_batch labels)."""
+        if self.references is None:
+            return None
+        labels = self.references["labels"]
+        return [row[row != -100].tolist() for row in labels]
 
 
 class TokenClock:
@@ -516,17 +526,25 @@ class Sweep:
         self.merged = MergedModel(self.loaded) if self.cfg.latency or self.quality_path == "merged" else None
         self.chunks = self._prepare_chunks()
         self._reference_embeddings = None
+        self.merged_timing: dict | None = None
         self.results = read_rank_results(self.out) if self.resume else {}
 
     def _prepare_chunks(self) -> list[PreparedChunk]:
-        """Every batch of prompts encoded once: the same token ids serve every rank."""
-        from core.runs import encode_prompts
+        """Every batch of prompts encoded once: the same token ids serve every rank.
+
+        Prompts of similar length go together (less padding), in batches of equal size
+        (40 prompts at most 32 a batch: two of 20); rows come back in the file's order.
+        """
+        from core.runs import encode_prompts, prompt_lengths
 
         needs_answer = any(m in self.metrics for m in ("rouge_l", "fact_recall", "similarity"))
-        tok, size = self.loaded.tokenizer, self.cfg.batch_size
+        tok = self.loaded.tokenizer
+        lengths = prompt_lengths(tok, [it.prompt for it in self.items])
+        order = sorted(range(len(self.items)), key=lambda i: (lengths[i], i))
+        n_chunks = math.ceil(len(order) / self.cfg.batch_size)
         chunks = []
-        for start in range(0, len(self.items), size):
-            items = self.items[start:start + size]
+        for c in range(n_chunks):
+            items = [self.items[i] for i in order[c * len(order) // n_chunks:(c + 1) * len(order) // n_chunks]]
             chunks.append(PreparedChunk(
                 items, reference_batch(tok, items) if "ref_nll" in self.metrics else None,
                 encode_prompts(tok, [it.prompt for it in items], self.loaded.device) if needs_answer else None))
@@ -543,8 +561,10 @@ class Sweep:
         return model_footprint_bytes(self.loaded.model) - adapter
 
     def _eta(self) -> float | None:
-        """Seconds left: recent seconds per prompt × prompts left, plus recent latency phase × ranks still to time."""
-        return combined_eta([(self.prompt_rate, self.total_units - self.done_units), (self.latency_rate, self.latency_left)])
+        """Seconds left: recent seconds per prompt × prompts left, plus recent latency timing × timings still to do
+        (one per rank left, and the merged model's once: counted at the unmerged rate until it is done)."""
+        timings_left = self.latency_left + (1 if self.cfg.latency and self.merged_timing is None else 0)
+        return combined_eta([(self.prompt_rate, self.total_units - self.done_units), (self.latency_rate, timings_left)])
 
     def evaluate_rank(self, rank: int) -> dict | None:
         cfg, loaded = self.cfg, self.loaded
@@ -562,7 +582,7 @@ class Sweep:
             timing = self._measure_latency(memory)
             if timing is None:
                 return None
-            self.latency_rate.add(1, time.time() - t0)
+            timing["latency_s"] = time.time() - t0   # in ranks/rank_<b>.json, not a summary.csv column
             self.latency_left -= 1
         model = self.merged.model if self.quality_path == "merged" else loaded.model
         rows = []
@@ -577,6 +597,8 @@ class Sweep:
             self.done_units += len(chunk.items)
             self._emit({"event": "prompt", "rank": rank, "done": len(rows), "total": len(self.items), "units": len(chunk.items),
                         "done_units": self.done_units, "total_units": self.total_units, "eta_s": self._eta()})
+        position = {id(it): i for i, it in enumerate(self.items)}
+        rows.sort(key=lambda row: position[row.pop("_item")])   # the file's order, whatever the batching
         if "similarity" in self.metrics:
             for row, score in zip(rows, self.similarity.scores_against([r["answer"] for r in rows], self.reference_embeddings())):
                 row["similarity"] = score
@@ -590,30 +612,43 @@ class Sweep:
         """Batch-1 latency with the adapter on the loaded base, then merged; None if asked to stop in between."""
         cfg, loaded = self.cfg, self.loaded
         prompts = [it.prompt for it in self.items[: cfg.latency_prompts]]
+        t0 = time.time()
         timing = measure_latency(loaded.model, loaded.tokenizer, prompts, cfg.latency_new_tokens, cfg.latency_repeats)
+        self.latency_rate.add(1, time.time() - t0)
         memory.sample()
         if self.should_stop():
             return None
-        timing.update(measure_latency(self.merged.model, loaded.tokenizer, prompts, cfg.latency_new_tokens,
-                                      cfg.latency_repeats, suffix="_merged"))
-        timing["merged_mb"] = model_footprint_bytes(self.merged.model) / 2**20
-        memory.sample()
-        return timing
+        if self.merged_timing is None:
+            # A merged model computes with the same shapes and dtype at every rank (only the values of W0 + ΔW
+            # differ), so its speed is measured once per sweep and holds for every rank.
+            self.merged_timing = measure_latency(self.merged.model, loaded.tokenizer, prompts, cfg.latency_new_tokens,
+                                                 cfg.latency_repeats, suffix="_merged")
+            self.merged_timing["merged_mb"] = model_footprint_bytes(self.merged.model) / 2**20
+            self.notes.append(f"merged latency measured once, at rank {self.merged.rank}: a merged model is the same "
+                              "computation at every rank")
+            memory.sample()
+        return timing | {k: v for k, v in self.merged_timing.items() if k != "latency_runs"}
 
     def _evaluate_chunk(self, rank: int, chunk: PreparedChunk, model) -> list[dict]:
         from core.evaluation.metrics import fact_recall, rouge_l_scores
+        from core.evaluation.shared_prompt import nll_and_answers
         from core.runs import generate_encoded
 
         rows = [{"rank": rank, "id": it.id, "prompt": it.prompt, "reference": it.reference,
                  "must_include": json.dumps(list(it.must_include), ensure_ascii=False) if it.must_include else "",
-                 "set": it.set}
+                 "set": it.set, "_item": id(it)}
                 for it in chunk.items]
+        nll = answers = None
+        if chunk.prompts is not None:   # one pass over the prompts for both (core.evaluation.shared_prompt)
+            nll, answers = nll_and_answers(model, self.loaded.tokenizer, chunk.prompts, chunk.reference_ids,
+                                           self.cfg.max_new_tokens)
         if chunk.references is not None:
-            for row, (nll_sum, count) in zip(rows, nll_of_batch(model, chunk.references)):
+            for row, (nll_sum, count) in zip(rows, nll if nll is not None else nll_of_batch(model, chunk.references)):
                 row["ref_nll"] = nll_sum / count if count else math.nan
                 row["ref_tokens"] = count
         if chunk.prompts is not None:
-            answers = generate_encoded(model, self.loaded.tokenizer, chunk.prompts, max_new_tokens=self.cfg.max_new_tokens)
+            if answers is None:
+                answers = generate_encoded(model, self.loaded.tokenizer, chunk.prompts, max_new_tokens=self.cfg.max_new_tokens)
             for row, answer in zip(rows, answers):
                 row["answer"] = answer
             if "rouge_l" in self.metrics:
