@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import distributed
 from core import workspace_data as wd
 from core.errors import UserError
 from core.evaluation import wording as w
@@ -73,7 +74,23 @@ def workspace() -> Path:
 
 
 def datasets() -> list[wd.DatasetInfo]:
-    return wd.list_datasets(workspace())
+    """The workspace's datasets; a damaged one is skipped with a warning, never breaks the page."""
+    found, damaged = wd.scan_datasets(workspace())
+    for problem in damaged:
+        st.warning(problem, icon=":material/warning:")
+    return found
+
+
+def parallel_choice(column, label: str, key: str, value: int, help: str) -> int:
+    """The devices found, and how many processes to spread the job over when there is more than one."""
+    devices = distributed.find_devices()
+    if devices.count < 2:
+        column.caption(f"Devices found: {devices.describe()}: one process.")
+        return 1
+    chosen = int(column.number_input(label, 1, devices.count, min(max(1, int(value)), devices.count), key=key, step=1,
+                                     help=help))
+    column.caption(f"Devices found: {devices.describe()}.")
+    return chosen
 
 
 # ------------------------------------------------------------------ selection in the URL
@@ -194,6 +211,8 @@ def failure_box(job: Job) -> None:
         st.error(message, icon=":material/error:")
         if job.resumable and job.status == "died":
             st.caption("It can be resumed from its last checkpoint.")
+        elif job.restartable and job.status == "died":
+            st.caption("It never saved any progress; it can be started again.")
     if job.status != "queued":
         with st.expander("Log (last lines)"):
             st.code(store().log_tail(job.id, 40) or "(empty)", language=None)
@@ -209,11 +228,16 @@ def job_actions(job: Job, key: str, allow_delete: bool = True) -> None:
                       help="Stops at the next step and saves a checkpoint"):
             s.cancel(job.id)
             st.rerun()
-    elif job.resumable:
-        if row.button("Resume", key=f"{key}-resume-{job.id}", icon=":material/play_arrow:",
-                      help="Continues from the last checkpoint"):
-            s.resume(job.id)
-            st.rerun()
+    elif job.resume_mode:
+        label, help_text = (("Resume", "Continues from the last checkpoint") if job.resumable else
+                            ("Restart", "Runs the job again from the start (it saved no progress)"))
+        if row.button(label, key=f"{key}-resume-{job.id}", icon=":material/play_arrow:", help=help_text):
+            try:
+                s.resume(job.id)
+            except UserError as exc:
+                st.error(str(exc))
+            else:
+                st.rerun()
     if allow_delete and not job.active:
         if row.button("Delete", key=f"{key}-delete-{job.id}", icon=":material/delete:"):
             st.session_state[confirm_key] = True
@@ -233,6 +257,18 @@ def job_actions(job: Job, key: str, allow_delete: bool = True) -> None:
             st.rerun()
 
 
+def number_field(where, label: str, value, limits: tuple, key: str, help: str | None = None, **kwargs):
+    """A number input whose every entry reaches the script, in range or not.
+
+    Given min_value/max_value, the browser keeps an out-of-range entry to itself: it turns
+    the field red and the script goes on with the previous value, so a launch would use a
+    number the user no longer sees. Without them every entry arrives; the page checks it
+    against `limits` (the same ones core validates with) and blocks the launch with why."""
+    lo, hi = limits
+    hint = f"From {lo:g} to {hi:g}."
+    return where.number_input(label, value=value, key=key, help=f"{help} {hint}" if help else hint, **kwargs)
+
+
 def live(active: bool, body: Callable[[], None], every: str = POLL) -> None:
     """Run `body`; while `active`, re-run it every `every` (a fragment) until nothing is
     active any more, then rerun the whole page once so polling stops."""
@@ -242,7 +278,11 @@ def live(active: bool, body: Callable[[], None], every: str = POLL) -> None:
 
     @st.fragment(run_every=every)
     def _poll():
-        still = body()
+        try:
+            still = body()
+        except UserError as exc:        # e.g. the job store stayed locked: say so, poll again
+            st.error(str(exc), icon=":material/error:")
+            return
         if still is False:
             st.rerun()
     _poll()

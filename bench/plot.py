@@ -327,8 +327,36 @@ def under_load(name: str) -> None:
     _save(fig, name)
 
 
-PLOTS = {"rank_search": rank_search, "step_time": step_time, "memory": memory, "sweep_cost": sweep_cost,
-         "roofline": roofline, "demo_run": demo_run, "rank_search_variants": rank_search_variants, "under_load": under_load}
+def scale(name: str) -> None:
+    data = _load(name)
+    if not data:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    train_variants = {"threads_2": "1 process × 2 threads", "processes_2": "2 processes × 1 thread"}
+    panels = [
+        (data["training"], train_variants, "s_per_step", "training: seconds per step (steady)", "speedup_per_step"),
+        (data["training"], train_variants, "wall_s", "training: whole command, s", "speedup_wall"),
+        (data["sweep"], {"workers_1": "1 worker × 2 threads", "workers_2": "2 workers × 1 thread"}, "span_s",
+         "sweep over 4 ranks: folder created to end, s", "speedup_span"),
+    ]
+    for ax, (part, variants, key, title, ratio) in zip(axes, panels):
+        for j, (variant, label) in enumerate(variants.items()):
+            values = sorted(r[variant][key] for r in part["rounds"])
+            bars = ax.bar([j], [values[len(values) // 2]], 0.6, color=[C_BASE, C_QDY][j], label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+            ax.plot([j] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(variants)), list(variants.values()), fontsize=8)
+        ax.set_ylabel("seconds (median of rounds; dots: each round)")
+        ax.set_title(f"{title}\nspeed-up {part[ratio]['median']:.2f}× ({len(part['rounds'])} rounds)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _footer(fig, data)
+    _save(fig, name)
+
+
+PLOTS = {"scale": scale, "rank_search": rank_search, "step_time": step_time, "memory": memory, "sweep_cost": sweep_cost,
+         "roofline": roofline, "demo_run": demo_run, "rank_search_variants": rank_search_variants,
+         "under_load": under_load}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,8 @@ def root(steps: int, quick: bool) -> Path:
 
 
 def job_id(side: str, lr: float, rank: int | None = None) -> str:
+    if side == "rslora" and rank == 1:
+        side = "qlora"   # alpha/sqrt(1) = alpha/1: at rank 1 the two dedicated sides are the same run
     return f"{side}{'' if rank is None else f'-r{rank}'}-lr{lr:g}"
 
 
@@ -96,7 +98,8 @@ def job_list(sides: list[str], lrs: list[float], ranks: list[int] | None = None)
     for lr in lrs:
         for side in sides:
             if side in DEDICATED:
-                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)]
+                jobs += [{"id": job_id(side, lr, r), "side": side, "rank": r, "lr": lr} for r in (ranks or RANKS)
+                         if job_id(side, lr, r) == job_id(side, lr, r).replace("qlora", side)]
             elif side in RECIPES:
                 jobs.append({"id": job_id(side, lr), "side": side, "rank": None, "lr": lr})
     return jobs
@@ -383,6 +386,8 @@ def search_table(jobs: list[dict]) -> dict:
     for res in jobs:
         job = res["job"]
         derived = [(job["side"], res.get("evals"))]
+        if job["side"] == "qlora" and job["rank"] == 1:
+            derived.append(("rslora", res.get("evals")))     # the same run (see job_id)
         if "svd_evals" in res:
             derived.append((next(k for k, v in SVD_OF.items() if v == job["side"]), res["svd_evals"]))
         for side, evals in derived:
@@ -433,7 +438,8 @@ def final_phase(args) -> None:
     info = common.machine_info()
     jobs = load_jobs(args.steps, args.quick)
     table = search_table(jobs)
-    choice = best_lrs(table)
+    wanted = set(args.sides) | set(DEDICATED) | set(SVD_OF)   # dedicated peers and their SVD cuts always
+    choice = {set_name: {side: c for side, c in sides.items() if side in wanted} for set_name, sides in best_lrs(table).items()}
     base = json.loads((root(args.steps, args.quick) / "base.json").read_text())
     full = eval_items(args.quick, full=True)
     cache_path = root(args.steps, args.quick) / "final_cache.json"
@@ -524,6 +530,73 @@ def final_phase(args) -> None:
         print(f"plot failed: {exc}")
 
 
+def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
+    """A run folder (config, adapter, status completed) for a recipe job of the grid, so that the
+    library's `refine` can start from it exactly as a user's refine starts from their run."""
+    from core import runstate
+    from core.models import resolve_model_path
+    from core.train import TrainConfig
+
+    folder = root(steps, quick) / "parents" / job_id(side, lr)
+    if (folder / "status.json").is_file():
+        return folder
+    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **shared_config(steps, quick), **RECIPES[side])
+    name, path = resolve_model_path(cfg.model)
+    (folder / "adapter").mkdir(parents=True, exist_ok=True)
+    shutil.copy(root(steps, quick) / "adapters" / f"{job_id(side, lr)}.safetensors", folder / "adapter" / "adapter.safetensors")
+    runstate.write_json_atomic(folder / "config.json", {
+        "train": cfg.to_dict(), "qdylora": cfg.qdylora_config().to_dict(), "adapted_modules": [],
+        "model": {"name": name, "path": path, "quant": cfg.quant, "device": "cpu", "compute_dtype": "float32"}})
+    runstate.write_status(folder, "completed", step=steps, total_steps=steps)
+    return folder
+
+
+def refine_phase(args) -> None:
+    """How many `qdylora refine` steps bring a recipe's rank b to a dedicated run's quality:
+    refine each rank from the recipe's run at its lr, measuring both full sets at the listed steps."""
+    import torch
+
+    from core.qdylora import set_rank
+    from core.refine import refine_config
+    from core.train import Trainer
+
+    torch.set_num_threads(args.threads)
+    side, parent_lr = args.refine_side, args.refine_parent_lr
+    parent = parent_run_folder(side, parent_lr, args.steps, args.quick)
+    full = eval_items(args.quick, full=True)
+    checkpoints = sorted(int(x) for x in args.refine_steps.split(","))
+    out_path = root(args.steps, args.quick) / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    for b in [int(x) for x in args.refine_ranks.split(",")]:
+        if str(b) in results:
+            continue
+        out = root(args.steps, args.quick) / "runs" / f"refine-{job_id(side, parent_lr)}-r{b}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = refine_config(parent, b, steps=max(checkpoints), out=out, lr=args.refine_lr)
+        holder, curve = {}, {}
+
+        def on_event(e, b=b):
+            if e.get("event") == "step" and e["step"] in checkpoints:
+                trainer = holder["t"]
+                curve[e["step"]] = {k: v[str(b)]["nll"] for k, v in evaluate_ranks(trainer.model, trainer.tokenizer, full, [b]).items()}
+                common.log(f"refine {side} rank {b}, step {e['step']}: {curve[e['step']]}")
+
+        trainer = Trainer(cfg, on_event=on_event)
+        holder["t"] = trainer
+        try:
+            trainer.setup()
+            set_rank(trainer.model, b)
+            curve[0] = {k: v[str(b)]["nll"] for k, v in evaluate_ranks(trainer.model, trainer.tokenizer, full, [b]).items()}
+            t0 = time.perf_counter()
+            trainer.train()
+            results[str(b)] = {"curve": curve, "train_s": time.perf_counter() - t0, "lr": args.refine_lr}
+        finally:
+            trainer.cleanup()
+            shutil.rmtree(out, ignore_errors=True)
+        out_path.write_text(json.dumps(results))
+    print(json.dumps(results, indent=1))
+
+
 def status_phase(args) -> None:
     jobs = read_queue(args.steps, args.quick)
     done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
@@ -540,7 +613,7 @@ def status_phase(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status"])
+    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status", "refine"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -549,6 +622,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", default=None, help="ranks of the dedicated runs to queue (default: all)")
     p.add_argument("--replace", action="store_true", help="queue: start a new queue instead of adding")
     p.add_argument("--front", action="store_true", help="queue: put the new jobs first")
+    p.add_argument("--refine-side", default="const", help="refine: the recipe whose run is refined")
+    p.add_argument("--refine-parent-lr", type=float, default=3e-3, help="refine: that run's lr in the grid")
+    p.add_argument("--refine-lr", type=float, default=3e-3, help="refine: the lr of the refine runs")
+    p.add_argument("--refine-ranks", default="1,4", help="refine: ranks to polish")
+    p.add_argument("--refine-steps", default="5,10,20", help="refine: steps at which to measure (the last is the run's length)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     args.sides = [s for s in args.sides.split(",") if s]
@@ -559,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     args.ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
     if args.quick:
         args.steps = min(args.steps, 2)
-    {"train": train_phase, "worker": worker, "queue": queue_phase, "final": final_phase, "status": status_phase}[args.phase](args)
+    {"train": train_phase, "worker": worker, "queue": queue_phase, "final": final_phase, "status": status_phase,
+     "refine": refine_phase}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (which argument, what is wrong), exit code 2 like every input error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def _str_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
@@ -76,7 +83,9 @@ def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, help=help_text.replace("%", "%%"))
+            # choices: a wrong name is a usage error that names the flag and what it accepts
+            parser.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, choices=f.metadata.get("choices"),
+                                help=help_text.replace("%", "%%"))
 
 
 def train_config_from_args(args: argparse.Namespace, **fixed):
@@ -89,8 +98,14 @@ def train_config_from_args(args: argparse.Namespace, **fixed):
     return TrainConfig(**(given | fixed))
 
 
+def add_processes_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=int, default=1,
+                        help="data-parallel training processes (one per GPU, or sharing the CPU cores), launched "
+                             "through Accelerate; --batch-size is the global micro-batch and must divide by it")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
+    parser = _Parser(prog="qdylora", description="QDyLoRA: train once, use any rank.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a QDyLoRA adapter (one run serves ranks 1..r_max)")
@@ -98,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder (new, or existing with --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to progress.jsonl)")
+    add_processes_flag(t)
 
     g = sub.add_parser("generate", help="answer a prompt with a run at a chosen rank")
     g.add_argument("--run", required=True)
@@ -136,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the adapter over the loaded base, or auto (merged when the copy fits in memory)")
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
     s.add_argument("--batch-size", type=int, default=32, help="most prompts per batch (prompts of similar length go together)")
-    s.add_argument("--recommend-metric", default="ref_nll")
+    s.add_argument("--recommend-metric", default=None,
+                   help="metric the recommendation uses, one of --metrics (default: ref_nll when measured, "
+                        "else the first of rouge_l, fact_recall, similarity that is)")
     s.add_argument("--threshold", type=float, default=0.95)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true", help="continue a cancelled sweep, keeping finished ranks")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes measuring different ranks at once (one per GPU, or sharing the CPU cores); "
+                        "the files written are the same as with one")
     f = sub.add_parser("refine", help="continue training one rank of a finished run on its own, as a new run")
     f.add_argument("--run", required=True, help="finished run to take the rank from")
     f.add_argument("--rank", type=int, required=True, help="rank to polish (1..r_max of --run)")
@@ -152,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the run's)")
     f.add_argument("--seed", type=int, default=None, help="seed (default: the run's)")
     f.add_argument("--no-progress", action="store_true")
+    add_processes_flag(f)
 
     r = sub.add_parser("recommend", help="re-decide a finished sweep's rank with another metric or threshold (no re-run)")
     r.add_argument("--sweep", required=True)
@@ -186,13 +208,18 @@ def cmd_train(args) -> int:
         raise UserError("--data is required (unless --resume continues an existing run)")
     # With --resume the run's saved config wins; data is only a placeholder here.
     cfg = train_config_from_args(args, data=args.data or "", out=args.out)
-    return _run_training(cfg, args.resume, args.no_progress)
+    return _run_training(cfg, args.resume, args.no_progress, args.processes)
 
 
-def _run_training(cfg, resume: bool, no_progress: bool) -> int:
+def _run_training(cfg, resume: bool, no_progress: bool, processes: int = 1) -> int:
+    from core import distributed
     from core.train import train
 
+    if processes != 1:
+        return distributed.launch_training(cfg, resume, processes, no_progress)
     cancel = CancelFlag().install()
+    # Under a launcher, only the main process shows progress; the launcher's stop request counts as a cancel.
+    no_progress = no_progress or distributed.rank_from_env() != 0
     bar = None
 
     def on_event(event: dict) -> None:
@@ -205,10 +232,17 @@ def _run_training(cfg, resume: bool, no_progress: bool) -> int:
             bar.set_postfix(loss=f"{event['loss']:.3f}", rank=event["rank"], tok_s=f"{event['tokens_per_s']:.0f}")
 
     try:
-        result = train(cfg, resume=resume, on_event=on_event, should_stop=cancel)
+        result = train(cfg, resume=resume, on_event=on_event, should_stop=lambda: cancel() or distributed.stop_requested())
+    except BaseException as exc:
+        from core.runstate import describe_failure
+
+        distributed.note_failure(describe_failure(exc))
+        raise
     finally:
         if bar is not None:
             bar.close()
+    if distributed.launched_by_us():
+        return EXIT_OK  # our launcher reads the outcome from the run folder; torchrun counts any other code as a crash
     print(f"{result.status}: {result.steps_done}/{result.total_steps} steps, run folder {result.run_dir}", file=sys.stderr)
     return EXIT_CANCELLED if result.status == "cancelled" else EXIT_OK
 
@@ -218,14 +252,16 @@ def cmd_refine(args) -> int:
 
     cfg = refine_config(args.run, args.rank, args.steps, args.out, data=args.data, lr=args.lr,
                         batch_size=args.batch_size, seed=args.seed)
-    return _run_training(cfg, False, args.no_progress)
+    return _run_training(cfg, False, args.no_progress, args.processes)
 
 
 def cmd_generate(args) -> int:
     from core.runs import check_rank, generate_at_rank, load_run, run_info
+    from core.validation import check_generation
 
     info = run_info(Path(args.run))
     check_rank(args.rank, info["config"]["qdylora"]["r_max"])  # before the slow model load
+    check_generation(args.max_new_tokens, args.temperature, args.top_p)
     loaded = load_run(Path(args.run))
     text = generate_at_rank(loaded, [args.prompt], args.rank, max_new_tokens=args.max_new_tokens,
                             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
@@ -258,6 +294,8 @@ def cmd_sweep(args) -> int:
     def on_event(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
+            if event.get("workers_note"):
+                print(f"note: {event['workers_note']}", file=sys.stderr, flush=True)
             bar = _progress_bar(event["total_units"], "sweep", args.no_progress)
             bar.update(event.get("done_units", 0))
         elif event["event"] == "prompt" and bar is not None:
@@ -265,7 +303,7 @@ def cmd_sweep(args) -> int:
             bar.set_postfix(rank=event["rank"])
 
     try:
-        result = run_sweep(cfg, resume=args.resume, on_event=on_event, should_stop=cancel)
+        result = run_sweep(cfg, resume=args.resume, on_event=on_event, should_stop=cancel, workers=args.workers)
     finally:
         if bar is not None:
             bar.close()
@@ -317,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,13 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # How many JSONL objects detect_columns looks at: keys are usually uniform, and the
 # column-mapping UI must not wait for a full read of a large file.
 DETECT_SCAN_ROWS = 200
+# Records nest a few levels (messages → turn → text); far deeper nesting is damage or an
+# attack, and Python's JSON reader would hit its recursion limit near 1000.
+MAX_JSON_DEPTH = 64
+# A \uD800-\uDFFF escape: the only way a lone surrogate (not a character, and not
+# encodable as UTF-8) gets into text decoded from UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------- types
@@ -189,6 +197,9 @@ def _read_bytes(path) -> bytes:
         raise DataError(p, "file not found")
     if p.is_dir():
         raise DataError(p, "is a folder, not a data file")
+    if not p.is_file():
+        # A pipe would block the read forever (and signals with it); a device never ends.
+        raise DataError(p, "is not a regular file (a pipe, device or socket); give a data file")
     try:
         return p.read_bytes()
     except OSError as e:
@@ -267,6 +278,8 @@ def _iter_json_records(name: str, text: str, fmt: str, skipped: list[dict]) -> I
             continue
         try:
             value = json.loads(line)
+        except RecursionError:
+            raise _too_deep(name, i) from None
         except json.JSONDecodeError as e:
             hint = ""
             if i == 1 and line.strip() in ("{", "["):
@@ -278,6 +291,8 @@ def _iter_json_records(name: str, text: str, fmt: str, skipped: list[dict]) -> I
 def _iter_json_array(name: str, text: str) -> Iterator[_Record]:
     try:
         values = json.loads(text)
+    except RecursionError:
+        raise _too_deep(name, None) from None
     except json.JSONDecodeError as e:
         raise DataError(name, f"not valid JSON: {e.msg} at column {e.colno}", line=e.lineno) from e
     if not isinstance(values, list):
@@ -287,18 +302,85 @@ def _iter_json_array(name: str, text: str) -> Iterator[_Record]:
         yield _Record(value, None, row=i)
 
 
+def _too_deep(name: str, line: int | None) -> DataError:
+    return DataError(name, f"JSON nested more than {MAX_JSON_DEPTH} levels deep; a record is an object of texts", line=line)
+
+
+def _nesting_exceeds(value, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _lone_surrogate(value, path: str = "") -> tuple[str, str] | None:
+    """(where, the escape) of the first lone surrogate in a parsed JSON value's texts or keys."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (f"'{path}'" if path else "a value", f"\\u{ord(found.group()):04x}") if found else None
+    if isinstance(value, dict):
+        for key, child in value.items():
+            name = _printable(key)
+            if _SURROGATE.search(key):
+                return f"the key '{name}'", _lone_surrogate(key)[1]
+            hit = _lone_surrogate(child, f"{path}.{name}" if path else name)
+            if hit:
+                return hit
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            hit = _lone_surrogate(child, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _printable(text: str) -> str:
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _checked_json(name: str, records: Iterator[_Record], text: str) -> Iterator[_Record]:
+    """JSON records that nest sanely and hold only real characters (checked before any
+    field is looked at, so no later step trips over them)."""
+    maybe_surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    for rec in records:
+        if _nesting_exceeds(rec.value, MAX_JSON_DEPTH):
+            raise _error(name, rec, f"nested more than {MAX_JSON_DEPTH} levels deep; a record is an object of texts")
+        hit = _lone_surrogate(rec.value) if maybe_surrogates else None
+        if hit:
+            raise _error(name, rec, f"{hit[0]} holds {hit[1]}, half of a UTF-16 surrogate pair without its other "
+                                    "half: not a character; fix or remove that escape")
+        yield rec
+
+
 def _csv_reader(text: str, fmt: str):
     # Long answers exceed csv's default 128 KiB field limit; the limit is process-wide,
     # so only ever raise it.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))
-    return csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+    # strict: an unclosed quote is an error, not a value that swallows the rest of the file.
+    return csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",", strict=True)
+
+
+def _csv_problem(e: csv.Error) -> str:
+    """csv's terse errors, said so that the fix is clear."""
+    text = str(e)
+    if "unexpected end of data" in text:
+        return ('a quoted value that starts here is never closed: a \" without its closing \"; '
+                'a quote mark inside a quoted value must be doubled ("")')
+    if "expected after" in text:
+        return ('a closing quote is followed by more text; a quote mark inside a value must be doubled ("") '
+                "and the whole value put in quotes")
+    return f"cannot parse as CSV: {text}"
 
 
 def _csv_header(name: str, reader) -> list[str]:
     try:
         header = next(reader, None)
     except csv.Error as e:
-        raise DataError(name, f"cannot parse the header as CSV: {e}", line=1) from e
+        raise DataError(name, f"header: {_csv_problem(e)}", line=1) from e
     if header is None or not any(h.strip() for h in header):
         raise DataError(name, "the first line should be a header row naming the columns, but it is empty", line=1)
     return [h.strip() for h in header]
@@ -316,7 +398,7 @@ def _iter_csv_records(name: str, text: str, fmt: str, skipped: list[dict]) -> It
             return
         except csv.Error as e:
             rec = _Record(None, start_line, row=row + 1, is_csv=True)
-            raise _error(name, rec, f"cannot parse as CSV: {e}") from e
+            raise _error(name, rec, _csv_problem(e)) from e
         row += 1
         rec = _Record(None, start_line, row=row, is_csv=True)
         if not any(c.strip() for c in cells):
@@ -347,7 +429,7 @@ def _content_format(fmt: str, text: str) -> str:
 def _records(name: str, text: str, fmt: str, skipped: list[dict]) -> Iterator[_Record]:
     if fmt in ("csv", "tsv"):
         return _iter_csv_records(name, text, fmt, skipped)
-    return _iter_json_records(name, text, fmt, skipped)
+    return _checked_json(name, _iter_json_records(name, text, fmt, skipped), text)
 
 
 def _check_columns(name: str, text: str, fmt: str, wanted: list[str], what: str) -> None:

@@ -28,3 +28,11 @@ class DataError(UserError):
 
 class RunError(UserError):
     """A run folder that is missing, incomplete or not a run."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the adapter weights stopped being finite numbers."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config (from a file or a form) with a missing or mistyped field."""

@@ -16,18 +16,26 @@ from pathlib import Path
 
 import torch
 
-from core import runstate
+from core import proc, runstate
 from core.config_io import ConfigDict
-from core.errors import UserError
+from core.errors import RunError, UserError
+from core.fileio import fsync_tree, read_json_object
+from core.evaluation.summary import SUMMARY_FILE, read_summary
 from core.models import compute_dtype_for, dtype_from_name, pick_device
 from core.qdylora.config import QDyLoRAConfig, peft_scale_fields
 from core.qdylora.inject import ADAPTER_FILE
+from core.preflight import check_output_folder, make_output_folder
 from core.qdylora.truncation import inference_adapter_state, inference_config
 from core.rank_card import base_model_sources, load_snippet, rank_card_markdown
 from core.runs import check_rank, run_info
 from core.train import ADAPTER_DIR
 
 PEFT_PREFIX = "base_model.model."
+CARD_FILE = "rank_card.json"
+CONFIG_FILE = "export_config.json"
+EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "rank_card.md", "merged", CONFIG_FILE,
+                          CARD_FILE})
+TMP_INFIX = ".tmp-"
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -71,28 +79,25 @@ def sweep_numbers(sweep_dir: str | Path | None, rank: int) -> dict | None:
     """The sweep's summary row for this rank (and the base row), if the sweep measured it."""
     if not sweep_dir:
         return None
-    path = Path(sweep_dir) / "summary.csv"
-    if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a finished sweep (no summary.csv)")
-    with open(path, newline="", encoding="utf-8") as fh:
+    measured = read_summary(sweep_dir)["rank"].tolist()  # checks the whole file first
+    if rank not in measured:
+        raise UserError(f"sweep {sweep_dir} did not measure rank {rank} (it has {measured})")
+    with open(Path(sweep_dir) / SUMMARY_FILE, newline="", encoding="utf-8") as fh:
         rows = {int(float(r["rank"])): r for r in csv.DictReader(fh)}
-    if rank not in rows:
-        raise UserError(f"sweep {sweep_dir} did not measure rank {rank} (it has {sorted(rows)})")
-    try:
-        meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    rec = meta.get("recommendation") or {}
+    meta = read_json_object(Path(sweep_dir) / "sweep.json") or {}
+    rec = meta.get("recommendation") if isinstance(meta.get("recommendation"), dict) else {}
+    run_meta = meta.get("run_meta") if isinstance(meta.get("run_meta"), dict) else {}
     return {"rank": rows[rank], "base": rows.get(0), "sweep": str(sweep_dir), "recommendation": rec or None,
-            "sweep_meta": {"n_prompts": rec.get("n_prompts"), "model": (meta.get("run_meta") or {}).get("model")}}
+            "sweep_meta": {"n_prompts": rec.get("n_prompts"), "model": run_meta.get("model")}}
 
 
 def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
     """Write the export folder; returns the rank card. Nothing is written when input is bad."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     report = on_progress or (lambda message: None)
-    run_dir, out = Path(cfg.run), Path(cfg.out)
+    run_dir, out = Path(cfg.run), check_output_folder(cfg.out)
     info = run_info(run_dir)
     config = info["config"]
     r_max = config["qdylora"]["r_max"]
@@ -101,19 +106,25 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         raise UserError("rank 0 is the base model itself: there is no adapter to export")
     if not info["has_adapter"]:
         raise UserError(f"run {run_dir} has no saved adapter yet")
-    if not runstate.folder_is_empty_or_missing(out):
+    incomplete = _incomplete_export(out)
+    if not incomplete and not runstate.folder_is_empty_or_missing(out):
         raise UserError(f"output folder {out} already holds files; choose a new folder")
     measured = sweep_numbers(cfg.sweep, cfg.rank)
+    try:
+        adapter = load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"the adapter of run {run_dir} cannot be read ({exc}); resume the run to save it again") from None
 
     trained = QDyLoRAConfig.from_dict(config["qdylora"])
     qcfg = inference_config(trained)
-    adapter = inference_adapter_state(load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE)), trained)
+    adapter = inference_adapter_state(adapter, trained)
+    _remove_stale_attempts(out, incomplete)
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
     leaf_names = sorted({m.rsplit(".", 1)[-1] for m in modules})
     base_path = config["model"]["path"]
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp = out.with_name(out.name + f"{TMP_INFIX}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_output_folder(tmp)
     try:
         report("writing PEFT adapter")
         save_file(peft_state_dict(adapter, cfg.rank), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -136,12 +147,16 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
             "snippet": load_snippet(out.name, base_model_sources(config["model"], config["train"].get("model"))[0],
                                     base_path, nf4=config["model"].get("quant") == "nf4"),
         }
-        (tmp / "rank_card.json").write_text(json.dumps(card, indent=2, default=str))
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
         (tmp / "rank_card.md").write_text(rank_card_markdown(card))
-        (tmp / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        fsync_tree(tmp)
         if out.exists():
-            # checked above: empty, or only the job store's logs (core.jobs made the folder)
-            for item in tmp.iterdir():
+            # checked above: empty, or only the job store's logs (core.jobs made the folder).
+            # export_config.json moves first and the rank card last, so a folder holding the
+            # one without the other is known to be an export stopped while moving in.
+            order = {CONFIG_FILE: 0, CARD_FILE: 2}
+            for item in sorted(tmp.iterdir(), key=lambda p: order.get(p.name, 1)):
                 item.rename(out / item.name)
             tmp.rmdir()
         else:
@@ -151,6 +166,29 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         raise
     report("done")
     return card
+
+
+def _incomplete_export(out: Path) -> list[Path]:
+    """The files of an export that was stopped while moving into `out` (its export_config.json
+    but no rank card yet); [] when `out` holds anything else or a finished export."""
+    if not (out / CONFIG_FILE).is_file() or (out / CARD_FILE).exists():
+        return []
+    items = [p for p in out.iterdir() if p.name not in runstate.JOB_STORE_FILES]
+    return items if items and all(p.name in EXPORT_FILES for p in items) else []
+
+
+def _remove_stale_attempts(out: Path, incomplete: list[Path]) -> None:
+    """Clear what stopped attempts of this export left: their temporary folders next to
+    `out` (whose process is gone) and an incomplete export inside it."""
+    for tmp in out.parent.glob(out.name + TMP_INFIX + "*"):
+        pid = tmp.name.rsplit(TMP_INFIX, 1)[-1]
+        if tmp.is_dir() and pid.isdigit() and not proc.is_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for item in incomplete:
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
 
 
 def write_merged(run_dir: Path, rank: int, merge_dtype: str, folder: Path) -> None:

@@ -37,7 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import proc
 from core.errors import UserError
+from core.fileio import read_json_object
 
 KINDS = ("train", "sweep", "export")
 KIND_DIRS = {"train": "runs", "sweep": "sweeps", "export": "exports"}
@@ -45,10 +47,14 @@ HEAVY_KINDS = frozenset(KINDS)          # all kinds take the one heavy slot
 RESUMABLE_KINDS = ("train", "sweep")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "died")
 ACTIVE = ("queued", "running")
+STOPPED = ("cancelled", "died", "failed")
+JOB_CONFIG_FILE = "config.json"   # a run or sweep folder holds it from its first moment of work
 FINISHED = ("completed", "failed", "cancelled", "died")
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 ERROR_TAIL_LINES = 20
+LOCK_TIMEOUT_S = 10.0
+TRASH_DIR = ".trash"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _SAFE_RUN = re.compile(r"[^A-Za-z0-9._-]+")
@@ -72,6 +78,10 @@ def sanitize_name(name: str) -> str:
 def default_workspace() -> Path:
     """`$RANK_STUDIO_WORKSPACE`, else `./workspace`, as an absolute path."""
     return Path(os.environ.get("RANK_STUDIO_WORKSPACE") or "workspace").expanduser().resolve()
+
+
+class StoreBusy(UserError):
+    """The store's lock could not be had in time."""
 
 
 @dataclass
@@ -98,8 +108,24 @@ class Job:
         return self.status in ACTIVE
 
     @property
+    def resume_mode(self) -> str | None:
+        """How a stopped job goes on: "resume" from its saved state (a train or sweep job
+        whose folder holds its config.json, written before any other work), "restart" from
+        the beginning (it never saved any state, e.g. it died while queued; or an export),
+        None while it is active or after it completed."""
+        if self.status not in STOPPED:
+            return None
+        if self.kind in RESUMABLE_KINDS and (self.out_dir / JOB_CONFIG_FILE).is_file():
+            return "resume"
+        return "restart"
+
+    @property
     def resumable(self) -> bool:
-        return self.kind in RESUMABLE_KINDS and self.status in ("cancelled", "died", "failed")
+        return self.resume_mode == "resume"
+
+    @property
+    def restartable(self) -> bool:
+        return self.resume_mode == "restart"
 
     @property
     def log_path(self) -> Path:
@@ -118,6 +144,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid_start INTEGER,
     worker_pid INTEGER,
     worker_start INTEGER,
+    pid_started REAL,
+    worker_started REAL,
     created_at REAL NOT NULL,
     queued_at REAL NOT NULL,
     started_at REAL,
@@ -133,27 +161,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 
 # ---------------------------------------------------------------- process checks
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) from /proc, or None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-    try:
-        rest = raw[raw.rindex(")") + 2:].split()
-        return rest[0], int(rest[19])
-    except (ValueError, IndexError):
-        return None
-
-
-def _proc_start(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    st = _proc_stat(pid)
-    return st[1] if st else None
-
-
-def _pid_alive(pid: int | None, start: int | None = None) -> bool:
+def _pid_alive(pid: int | None, start: float | None = None) -> bool:
     """Whether `pid` is a live (non-zombie) process, and the same one if `start` is known."""
     if not pid:
         return False
@@ -161,25 +169,7 @@ def _pid_alive(pid: int | None, start: int | None = None) -> bool:
     if popen is not None and popen.poll() is not None:
         _SPAWNED.pop(pid, None)
         return False
-    if not Path("/proc/self/stat").exists():       # no procfs: best effort
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    st = _proc_stat(pid)
-    if st is None:
-        return False
-    state, started = st
-    if state in ("Z", "X"):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)         # reap it if it is ours
-        return False
-    if start is not None and started != start:  # pid reused by another process
-        return False
-    return True
+    return proc.is_alive(pid, start)
 
 
 def _reap_spawned() -> None:
@@ -254,10 +244,9 @@ def _read_status(out_dir: Path, since: float | None) -> dict | None:
     try:
         if since is not None and p.stat().st_mtime < since - 1.0:
             return None                         # left over from an earlier attempt
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(p)
 
 
 # ---------------------------------------------------------------- store
@@ -267,7 +256,7 @@ class JobStore:
 
     def __init__(self, workspace: str | Path | None = None, max_heavy: int = 1,
                  python: str = sys.executable, cli_module: str = "core",
-                 poll_interval: float = 1.0):
+                 poll_interval: float = 1.0, lock_timeout: float = LOCK_TIMEOUT_S):
         if max_heavy < 1:
             raise UserError("max_heavy must be at least 1")
         self.workspace = Path(workspace if workspace is not None else default_workspace()).expanduser().resolve()
@@ -275,6 +264,7 @@ class JobStore:
         self.python = python
         self.cli_module = cli_module
         self.poll_interval = float(poll_interval)
+        self.lock_timeout = float(lock_timeout)
         self.db_path = self.workspace / "jobs.sqlite"
         self.lock_path = self.workspace / "jobs.lock"
         self.runs_dir = self.workspace / "runs"
@@ -289,9 +279,16 @@ class JobStore:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            # Databases made before process start times came from core.proc hold them in
+            # clock ticks (pid_start, worker_start); those columns are no longer read.
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column in ("pid_started", "worker_started"):
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} REAL")
         # set by the worker process only
         self._child: subprocess.Popen | None = None
         self._terminated = False
+        self._start_failed = False
 
     # ------------------------------------------------------------ helpers
 
@@ -309,9 +306,21 @@ class JobStore:
 
     @contextlib.contextmanager
     def _locked(self):
+        """The store's lock, waited for at most `lock_timeout` seconds: everything done under
+        it takes milliseconds, so a longer wait means a stuck holder, not a busy store."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreBusy(
+                            f"The job store is busy: another process has held {self.lock_path} for over "
+                            f"{self.lock_timeout:g} s. Try again; if it persists, a stuck Rank Studio process holds it.")
+                    time.sleep(0.02)
             yield
         finally:
             os.close(fd)                        # releases the lock
@@ -386,8 +395,8 @@ class JobStore:
                        (time.time(), f"Could not start the job worker: {exc}", job_id))
             return
         _SPAWNED[popen.pid] = popen
-        db.execute("UPDATE jobs SET worker_pid=?, worker_start=? WHERE id=?",
-                   (popen.pid, _proc_start(popen.pid), job_id))
+        db.execute("UPDATE jobs SET worker_pid=?, worker_started=? WHERE id=?",
+                   (popen.pid, proc.started_at(popen.pid), job_id))
 
     # ------------------------------------------------------------ public API
 
@@ -432,7 +441,7 @@ class JobStore:
         _reap_spawned()
         now = time.time()
         for row in db.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running')").fetchall():
-            if _pid_alive(row["worker_pid"], row["worker_start"]):
+            if _pid_alive(row["worker_pid"], row["worker_started"]):
                 continue                            # the worker will record the outcome
             out_dir = Path(row["out_dir"])
             if row["status"] == "queued":
@@ -443,7 +452,7 @@ class JobStore:
                 db.execute("UPDATE jobs SET status='died', finished_at=?, error=? WHERE id=?",
                            (now, msg, row["id"]))
                 continue
-            if _pid_alive(row["pid"], row["pid_start"]):
+            if _pid_alive(row["pid"], row["pid_started"]):
                 continue                            # orphaned CLI still working: keep the slot
             st = _read_status(out_dir, row["started_at"]) or {}
             said = st.get("status")
@@ -499,29 +508,30 @@ class JobStore:
             elif row["status"] == "running":
                 first = not row["cancel_requested"]
                 db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (row["id"],))
-                if row["pid"] and _pid_alive(row["pid"], row["pid_start"]) and (first or force):
+                if row["pid"] and _pid_alive(row["pid"], row["pid_started"]) and (first or force):
                     _signal_group(row["pid"], signal.SIGKILL if force else signal.SIGTERM)
             return self._job(self._row(db, job_id))
 
     def resume(self, job_id: int) -> Job:
-        """Re-queue a cancelled/died/failed train or sweep job in the same out_dir with
-        `--resume` appended (once). The job keeps its id and goes to the back of the queue."""
+        """Re-queue a cancelled/died/failed job in the same out_dir, as its `resume_mode`
+        says: with `--resume` (once) when it saved state, else its original command line
+        (a restart). The job keeps its id and goes to the back of the queue."""
         with self._locked(), self._db() as db:
             self._refresh_locked(db)
             row = self._row(db, job_id)
             job = self._job(row)
-            if job.kind not in RESUMABLE_KINDS:
-                raise UserError(f"A {job.kind} job cannot be resumed; start it again instead")
-            if job.status not in ("cancelled", "died", "failed"):
-                raise UserError(f"Job {job.id} is {job.status}; only cancelled, died or failed jobs can be resumed")
+            mode = job.resume_mode
+            if mode is None:
+                raise UserError(f"Job {job.id} is {job.status}; only cancelled, died or failed jobs can be "
+                                "resumed or restarted")
             out_dir = self._check_inside(job.out_dir)
             if not out_dir.is_dir():
                 raise UserError(f"The output folder of job {job.id} is gone; it cannot be resumed")
-            argv = job.argv if "--resume" in job.argv else [*job.argv, "--resume"]
+            argv = [a for a in job.argv if a != "--resume"] + (["--resume"] if mode == "resume" else [])
             db.execute(
                 "UPDATE jobs SET status='queued', argv=?, queued_at=?, started_at=NULL, finished_at=NULL,"
-                " exit_code=NULL, error=NULL, pid=NULL, pid_start=NULL, worker_pid=NULL,"
-                " worker_start=NULL, cancel_requested=0 WHERE id=?",
+                " exit_code=NULL, error=NULL, pid=NULL, pid_started=NULL, worker_pid=NULL,"
+                " worker_started=NULL, cancel_requested=0 WHERE id=?",
                 (json.dumps(argv), time.time(), job.id))
             self._spawn_worker(db, job.id, out_dir)
             return self._job(self._row(db, job_id))
@@ -541,9 +551,20 @@ class JobStore:
                 if job.out_dir.is_symlink():
                     job.out_dir.unlink()            # a link: drop it, not what it points to
                 elif target.is_dir():
-                    shutil.rmtree(target)
+                    # One rename under the lock; the slow removal happens after it is released.
+                    trash = self.workspace / TRASH_DIR
+                    trash.mkdir(exist_ok=True)
+                    target.rename(trash / f"{target.name}-{time.time_ns()}")
             db.execute("UPDATE jobs SET parent_id=NULL WHERE parent_id=?", (job.id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        """Remove deleted job folders (also ones left by a delete that was killed midway)."""
+        trash = self.workspace / TRASH_DIR
+        if trash.is_dir():
+            for item in trash.iterdir():
+                shutil.rmtree(item, ignore_errors=True)
 
     def log_tail(self, job_id: int, n: int = 40) -> str:
         """The last `n` lines of the job's output (`job.log`; `train.log` if there is none)."""
@@ -574,38 +595,55 @@ class JobStore:
         signal.signal(signal.SIGINT, self._on_term)
         me = os.getpid()
         while True:
-            with self._locked(), self._db() as db:
-                self._refresh_locked(db)
-                row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-                if row is None or row["status"] != "queued" or row["worker_pid"] != me:
-                    return 0                        # cancelled, deleted or handed to another worker
-                if self._terminated:
-                    db.execute("UPDATE jobs SET status='cancelled', finished_at=?, cancel_requested=1"
-                               " WHERE id=?", (time.time(), job_id))
-                    return 0
-                queued = [r[0] for r in db.execute(
-                    "SELECT id FROM jobs WHERE status='queued' ORDER BY queued_at, id").fetchall()]
-                kinds = ",".join("?" * len(HEAVY_KINDS))
-                running = db.execute(
-                    f"SELECT COUNT(*) FROM jobs WHERE status='running' AND kind IN ({kinds})",
-                    tuple(HEAVY_KINDS)).fetchone()[0]
-                free = self.max_heavy - running if row["kind"] in HEAVY_KINDS else len(queued)
-                if queued.index(job_id) < free:
-                    if not self._start_child(db, self._job(row)):
-                        return 1
-                    break
+            try:
+                started = self._try_start(job_id, me)
+            except StoreBusy:
+                started = None                      # a stuck holder: keep waiting, never give up the job
+            if started is not None:
+                if not started:
+                    return 1 if self._start_failed else 0
+                break
             time.sleep(self.poll_interval)
         child = self._child
         assert child is not None
         if self._terminated and child.poll() is None:
             _signal_group(child.pid, signal.SIGTERM)
         code = child.wait()
-        with self._locked(), self._db() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None or row["status"] != "running" or row["worker_pid"] != me:
+        while True:
+            try:
+                with self._locked(), self._db() as db:
+                    row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+                    if row is not None and row["status"] == "running" and row["worker_pid"] == me:
+                        self._record_end(db, self._job(row), code)
                 return 0
-            self._record_end(db, self._job(row), code)
-        return 0
+            except StoreBusy:
+                time.sleep(self.poll_interval)
+
+    def _try_start(self, job_id: int, me: int) -> bool | None:
+        """One look at the queue: True = the CLI child started, False = this worker is done
+        (cancelled, deleted, handed over, or the start failed), None = wait and look again."""
+        with self._locked(), self._db() as db:
+            self._refresh_locked(db)
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] != "queued" or row["worker_pid"] != me:
+                return False                        # cancelled, deleted or handed to another worker
+            if self._terminated:
+                db.execute("UPDATE jobs SET status='cancelled', finished_at=?, cancel_requested=1"
+                           " WHERE id=?", (time.time(), job_id))
+                return False
+            queued = [r[0] for r in db.execute(
+                "SELECT id FROM jobs WHERE status='queued' ORDER BY queued_at, id").fetchall()]
+            kinds = ",".join("?" * len(HEAVY_KINDS))
+            running = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE status='running' AND kind IN ({kinds})",
+                tuple(HEAVY_KINDS)).fetchone()[0]
+            free = self.max_heavy - running if row["kind"] in HEAVY_KINDS else len(queued)
+            if queued.index(job_id) >= free:
+                return None
+            if not self._start_child(db, self._job(row)):
+                self._start_failed = True
+                return False
+            return True
 
     def _start_child(self, db, job: Job) -> bool:
         now = time.time()
@@ -625,8 +663,8 @@ class JobStore:
                        (now, time.time(), f"Could not start the job: {exc}", job.id))
             return False
         self._child = child
-        db.execute("UPDATE jobs SET status='running', started_at=?, pid=?, pid_start=? WHERE id=?",
-                   (now, child.pid, _proc_start(child.pid), job.id))
+        db.execute("UPDATE jobs SET status='running', started_at=?, pid=?, pid_started=? WHERE id=?",
+                   (now, child.pid, proc.started_at(child.pid), job.id))
         return True
 
     def _record_end(self, db, job: Job, code: int) -> None:

@@ -19,6 +19,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_ENV = "RANK_STUDIO_CACHE"
 QUANT_CHOICES = ("nf4", "none")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ModelSpec:
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
             raise UserError(f"quantization must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICE_CHOICES:
             raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 

@@ -165,13 +165,21 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def resolve_model(spec: ModelSpec) -> ResolvedModel:
+    """What `load_base_model` will load (where from, on which device, in which dtype),
+    known without reading any weight."""
+    name, path = resolve_model_path(spec.name_or_path)
+    device = pick_device(spec.device)
+    return ResolvedModel(name=name, path=path, quant=spec.quant, device=device,
+                         compute_dtype=dtype_name(compute_dtype_for(device)))
+
+
 def load_base_model(spec: ModelSpec):
     """Load (model, tokenizer, ResolvedModel) with the base frozen."""
     from transformers import AutoModelForCausalLM
 
-    name, path = resolve_model_path(spec.name_or_path)
-    device = pick_device(spec.device)
-    dtype = compute_dtype_for(device)
+    resolved = resolve_model(spec)
+    path, device, dtype = resolved.path, resolved.device, dtype_from_name(resolved.compute_dtype)
     kwargs = {"dtype": dtype, "device_map": device}
     qconfig = quantization_config(spec.quant, dtype)
     if qconfig is not None:
@@ -184,7 +192,6 @@ def load_base_model(spec: ModelSpec):
     model.requires_grad_(False)
     model.config.use_cache = True
     keep_nf4_compute_dtype(model)
-    resolved = ResolvedModel(name=name, path=path, quant=spec.quant, device=device, compute_dtype=dtype_name(dtype))
     return model, tokenizer, resolved
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from core import runstate
@@ -15,6 +16,7 @@ from core.qdylora import QDyLoRAConfig, inject_qdylora, set_rank
 from core.qdylora.inject import ADAPTER_FILE, load_adapter_state_dict
 from core.qdylora.truncation import inference_adapter_state, inference_config
 from core.train import ADAPTER_DIR, load_run_config
+from core.validation import check_generation
 
 
 @dataclass
@@ -63,7 +65,10 @@ def load_run(run_dir: Path, quant: str | None = None, device: str = "auto") -> L
     spec = ModelSpec(name_or_path=config["train"]["model"], quant=quant or config["model"]["quant"], device=device)
     model, tokenizer, resolved = load_base_model(spec)
     inject_qdylora(model, qcfg)
-    load_adapter_state_dict(model, inference_adapter_state(load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE)), trained))
+    try:
+        load_adapter_state_dict(model, inference_adapter_state(load_file(str(run_dir / ADAPTER_DIR / ADAPTER_FILE)), trained))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise RunError(f"the adapter of run {run_dir} cannot be used ({exc}); resume the run to save it again") from None
     model.eval()
     set_rank(model, qcfg.r_max)
     return LoadedRun(run_dir, model, tokenizer, resolved, config, qcfg)
@@ -88,8 +93,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, do_samp
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, batch_size: int = 8,
              min_new_tokens: int | None = None) -> list[str]:
     """Completions (text after the prompt) for prompts given as strings or message lists."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generation(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(prompts), batch_size):

@@ -16,59 +16,38 @@ from pathlib import Path
 
 import psutil
 
+from core import proc
+from core.fileio import append_line, read_json_object, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
+
 STATUS_FILE = "status.json"
 PROGRESS_FILE = "progress.jsonl"
 FINISHED = ("completed", "cancelled", "failed")
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _process_started_at(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-
-
 def write_status(folder: Path, status: str, **fields) -> dict:
     pid = os.getpid()
-    data = {"status": status, "pid": pid, "pid_started_at": _process_started_at(pid), "updated_at": time.time()}
+    data = {"status": status, "pid": pid, "pid_started_at": proc.started_at(pid), "updated_at": time.time()}
     data.update(fields)
     write_json_atomic(Path(folder) / STATUS_FILE, data)
     return data
 
 
-def process_alive(pid: int | None, started_at: float | None) -> bool:
-    if not pid:
-        return False
-    actual = _process_started_at(pid)
-    if actual is None:
-        return False
-    try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.NoSuchProcess:
-        return False
-    # A recycled pid belongs to a process that started later than ours did.
-    return started_at is None or abs(actual - started_at) < 1.0
-
-
 def read_status(folder: Path) -> dict | None:
     """The job's status, with "running" turned into "died" when its process is gone."""
-    path = Path(folder) / STATUS_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    data = read_json_object(Path(folder) / STATUS_FILE)
+    if data is None:
         return None
-    if data.get("status") == "running" and not process_alive(data.get("pid"), data.get("pid_started_at")):
+    if data.get("status") == "running" and not _recorded_process_alive(data):
         data["status"] = "died"
         data.setdefault("error", "the process stopped without saying why (killed or crashed); resume continues from the last checkpoint")
     return data
+
+
+def _recorded_process_alive(status: dict) -> bool:
+    pid, started = status.get("pid"), status.get("pid_started_at")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        return False
+    return proc.is_alive(pid, started if isinstance(started, (int, float)) else None)
 
 
 def attach_log(folder: Path, filename: str) -> logging.Handler:
@@ -109,22 +88,22 @@ def record_failure(folder: Path, exc: BaseException, **fields) -> None:
 
 
 def append_event(folder: Path, event: dict) -> None:
-    line = json.dumps(event, default=float)
-    with open(Path(folder) / PROGRESS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    append_line(Path(folder) / PROGRESS_FILE, json.dumps(event, default=float))
 
 
 def read_events(folder: Path) -> list[dict]:
-    """All progress events; a half-written last line (job killed mid-write) is ignored."""
+    """All progress events; a half-written line (job killed mid-write) is ignored."""
     path = Path(folder) / PROGRESS_FILE
     if not path.is_file():
         return []
     events = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+            event = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 

@@ -212,9 +212,12 @@ class ThreadGovernor:
     """Keeps a job's thread count at the cores other processes leave free (see the module doc)."""
 
     def __init__(self, cores: int, min_window_s: float = MIN_WINDOW_S, apply=set_threads, clock=time.monotonic,
-                 read=read_cpu_times, own=own_cpu_seconds, actual=None):
+                 read=read_cpu_times, own=own_cpu_seconds, actual=None, cap: int | None = None):
+        # `cores`: what the machine offers (others' work is measured machine-wide); `cap`: the most this job
+        # may use (a thread count the user or a launcher gave, e.g. one share per data-parallel process).
         self.cores = cores
-        self.current = cores
+        self.cap = max(1, cap or cores)
+        self.current = self.cap
         self.stopped = False
         self.min_window_s = min_window_s
         self._apply, self._clock, self._read, self._own = apply, clock, read, own
@@ -249,7 +252,7 @@ class ThreadGovernor:
             return self.current
         others = others_busy_cores(self._last, now, self._niced)
         self._last = now
-        target = threads_for(self.cores, others, self.current)
+        target = min(self.cap, threads_for(self.cores, others, self.current))
         if target != self.current:
             self._apply(target)
             self.changes.append({"time": time.time(), "threads": target, "others_busy_cores": round(others, 2)})
@@ -290,9 +293,9 @@ def configure_job() -> dict:
     _configured = True
     chosen = mode()
     if chosen == "auto" and read_cpu_times() is not None:
-        # A thread count the user gave is the most the governor uses.
-        cap = _positive_int(user_threads) or usable_cores()
-        _governor = ThreadGovernor(cap)
+        # A thread count the user (or `--processes`/`--workers`) gave is the most the governor uses; the
+        # cores left free are still counted on the whole machine, so sibling processes each keep their share.
+        _governor = ThreadGovernor(usable_cores(), cap=_positive_int(user_threads))
     else:
         _governor = None
     return describe()

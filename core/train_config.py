@@ -4,22 +4,28 @@ Torch-free on purpose, so the dashboard can check a form without importing torch
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from core.config_io import ConfigDict
 from core.errors import RunError, UserError
-from core.model_spec import ModelSpec
-from core.qdylora.config import LEGACY_SCALE, QDyLoRAConfig
+from core.fileio import DamagedFile, read_json
+from core.model_spec import DEVICE_CHOICES, QUANT_CHOICES, ModelSpec
+from core.qdylora.config import (
+    EXTRA_RANKS_CHOICES, LEGACY_SCALE, METHOD_CHOICES, RANK_SAMPLING_CHOICES, SCALE_CHOICES, UPDATE_CHOICES, QDyLoRAConfig,
+)
+from core.validation import number_problem
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "paged_adamw")
 BATCHING = ("packed", "padded")
 LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on padded rows
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Defaults as shipped in version 1 (α/b, uniform rank sampling, lr 2e-4); "
                    "bench/README.md §6 compares them with dedicated QLoRA runs.")
 CONFIG_FILE = "config.json"
+# The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
+RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
 
 
 @dataclass
@@ -31,35 +37,36 @@ class TrainConfig(ConfigDict):
     prompt_col: str = field(default="prompt", metadata={"help": "CSV/JSONL field holding the prompt."})
     response_col: str = field(default="response", metadata={"help": "CSV/JSONL field holding the answer."})
     model: str = field(default="default", metadata={"help": "'default' (bundled SmolLM2-135M-Instruct), a local HF folder or a hub id."})
-    quant: str = field(default="nf4", metadata={"help": "nf4 (4-bit base, QLoRA) or none (base in compute dtype)."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    quant: str = field(default="nf4", metadata={"choices": QUANT_CHOICES, "help": "nf4 (4-bit base, QLoRA) or none (base in compute dtype)."})
+    device: str = field(default="auto", metadata={"choices": DEVICE_CHOICES, "help": "auto, cpu or cuda."})
     r_max: int = field(default=64, metadata={"help": "Largest rank; every rank 1..r_max is usable after training."})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale at rank b follows the scale rule (alpha/b, alpha/sqrt(b), constant)."})
     dropout: float = field(default=0.05, metadata={"help": "Adapter input dropout."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Leaf names to adapt; None = all block linears."})
-    rank_sampling: str = field(default="uniform", metadata={"help": "uniform | pow2 | low | high | list."})
+    rank_sampling: str = field(default="uniform", metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
-    update: str = field(default="full", metadata={"help": "full (rows 1..b learn) or frozen (only row b learns)."})
-    scale: str = field(default="alpha/b", metadata={"help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig)."})
+    update: str = field(default="full", metadata={"choices": UPDATE_CHOICES, "help": "full (rows 1..b learn) or frozen (only row b learns)."})
+    scale: str | None = field(default=None, metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig); unset = the method's measured best."})
     ranks_per_step: int = field(default=1, metadata={"help": "Ranks per optimizer step (k groups of the step's examples, stratified)."})
-    extra_ranks: str = field(default="none", metadata={"help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
+    extra_ranks: str = field(default="none", metadata={"choices": EXTRA_RANKS_CHOICES, "help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
     distill: float = field(default=0.0, metadata={"help": "Weight of distilling the sampled rank toward r_max's predictions (needs extra_ranks)."})
-    method: str = field(default="qdylora", metadata={"help": "qdylora (one run, every rank) or svd (one LoRA at r_max, ranks by truncated SVD)."})
+    method: str = field(default="qdylora", metadata={"choices": METHOD_CHOICES, "help": "qdylora (one run, every rank) or svd (one LoRA at r_max, ranks by truncated SVD)."})
     init_from: str | None = field(default=None, metadata={"help": "Run folder whose adapter at rank init_rank warm-starts this run (qdylora refine)."})
     init_rank: int | None = field(default=None, metadata={"help": "Rank taken from init_from (this run's r_max)."})
     steps: int = field(default=200, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (with ranks_per_step > 1 the groups span them)."})
     lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant (QLoRA default), linear or cosine decay after warmup."})
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES, "help": "constant (QLoRA default), linear or cosine decay after warmup."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps with linear warmup."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on adapters."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch) or paged_adamw (bitsandbytes' paged AdamW, 32-bit state; CUDA only: absorbs memory spikes as in QLoRA)."})
     max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping (QLoRA uses 0.3); 0 disables."})
     max_length: int = field(default=256, metadata={"help": "Tokens per example; longer ones are cut (counted in data_report.json)."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order, dropout and rank draws."})
     checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N steps (and on cancel)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory (non-reentrant)."})
-    batching: str = field(default="packed", metadata={"help": "packed (short examples of a micro-batch share a row, attention kept "
+    batching: str = field(default="packed", metadata={"choices": BATCHING, "help": "packed (short examples of a micro-batch share a row, attention kept "
                                                               "within each: same loss, less padding) or padded (one example per row)."})
 
     def __post_init__(self):
@@ -70,12 +77,14 @@ class TrainConfig(ConfigDict):
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            problems.append("max_grad_norm and weight_decay must be >= 0")
+        problems += filter(None, (number_problem("max_grad_norm", self.max_grad_norm, lo=0, note="0 disables clipping"),
+                                  number_problem("weight_decay", self.weight_decay, lo=0)))
         if self.batching not in BATCHING:
             problems.append(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if isinstance(self.max_length, int) and self.max_length < 8:
@@ -88,8 +97,8 @@ class TrainConfig(ConfigDict):
             if all(isinstance(v, int) for v in (self.batch_size, self.grad_accum)) and qcfg.ranks_per_step > self.batch_size * self.grad_accum:
                 problems.append(f"ranks_per_step ({qcfg.ranks_per_step}) cannot exceed the examples per step "
                                 f"(batch_size × grad_accum = {self.batch_size * self.grad_accum})")
-            # The method may resolve sampling fields (svd trains at r_max only): keep the resolved values.
-            self.rank_sampling, self.rank_list = qcfg.rank_sampling, qcfg.rank_list
+            # The method resolves the scale (when unset) and sampling fields (svd trains at r_max only): keep them resolved.
+            self.scale, self.rank_sampling, self.rank_list = qcfg.scale, qcfg.rank_sampling, qcfg.rank_list
             self.ranks_per_step, self.extra_ranks, self.distill = qcfg.ranks_per_step, qcfg.extra_ranks, qcfg.distill
         if (self.init_from is None) != (self.init_rank is None):
             problems.append("init_from and init_rank go together")
@@ -103,7 +112,7 @@ class TrainConfig(ConfigDict):
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         # A run saved before the scale rule (or packing) existed was trained with alpha/b (padded rows), whatever today's default.
-        return super().from_dict({"scale": LEGACY_SCALE, "batching": LEGACY_BATCHING} | data)
+        return super().from_dict({"scale": LEGACY_SCALE, "batching": LEGACY_BATCHING} | data if isinstance(data, dict) else data)
 
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(
@@ -133,13 +142,24 @@ class TrainConfig(ConfigDict):
 
 
 def load_run_config(run_dir: Path) -> dict:
+    """The run's config.json, checked through: RunError unless every part that using or
+    resuming the run reads (train, qdylora, model) is there with the right types."""
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is not valid JSON: {exc}") from exc
-    if "train" not in data or "qdylora" not in data:
-        raise RunError(f"{path} is not a training run config")
+        data = read_json(path, "run config")
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})") from None
+    except DamagedFile as exc:
+        raise RunError(f"{exc}; the run cannot be used") from None
+    if not isinstance(data, dict) or "train" not in data or "qdylora" not in data:
+        hint = " (it belongs to a sweep)" if isinstance(data, dict) and "config" in data else ""
+        raise RunError(f"{path} is not a training run config{hint}")
+    try:
+        TrainConfig.from_dict(data["train"])
+        QDyLoRAConfig.from_dict(data["qdylora"])
+        model = data.get("model")
+        if not isinstance(model, dict) or any(not isinstance(model.get(name), str) for name in RESOLVED_MODEL_FIELDS):
+            raise ValueError(f"'model' must name {', '.join(RESOLVED_MODEL_FIELDS)} as texts")
+    except (UserError, ValueError) as exc:
+        raise RunError(f"{path} is damaged: {str(exc).removeprefix('invalid training config: ')}") from None
     return data

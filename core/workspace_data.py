@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from itertools import zip_longest
 from pathlib import Path
 
@@ -32,7 +32,10 @@ import pandas as pd
 
 from core import data as D
 from core import runstate
+from core.config_io import value_fits
 from core.errors import DataError, UserError
+from core.evaluation.summary import PER_PROMPT_FILE, SUMMARY_FILE, read_per_prompt, read_summary
+from core.fileio import DamagedFile, read_json, read_json_object
 from core.jobs import sanitize_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -205,26 +208,49 @@ def datasets_dir(workspace: Path) -> Path:
     return folder
 
 
-def _read_info(folder: Path) -> DatasetInfo | None:
+def _load_info(folder: Path) -> tuple[DatasetInfo | None, str | None]:
+    """(the dataset, None), or (None, why the folder is not a usable dataset)."""
     try:
-        meta = json.loads((folder / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return None
+        meta = read_json(folder / "dataset.json", "its description")
+    except FileNotFoundError:
+        return None, "it has no dataset.json"
+    except DamagedFile as exc:
+        return None, str(exc)
+    if not isinstance(meta, dict):
+        return None, f"its dataset.json holds {type(meta).__name__}, not an object"
+    described = {f.name: f for f in fields(DatasetInfo) if f.name not in ("id", "folder")}
+    problems = [f"'{name}' is missing" for name, f in described.items()
+                if name not in meta and f.default is MISSING and f.default_factory is MISSING]
+    problems += [f"'{name}' should be {f.type}, not {meta[name]!r:.40}" for name, f in described.items()
+                 if name in meta and value_fits(f.type, meta[name]) is False]
+    if problems:
+        return None, "its dataset.json is damaged: " + "; ".join(problems)
     if not (folder / "train.jsonl").is_file() or not (folder / "eval.jsonl").is_file():
-        return None
-    known = {f for f in DatasetInfo.__dataclass_fields__} - {"id", "folder"}
-    return DatasetInfo(id=folder.name, folder=folder, **{k: v for k, v in meta.items() if k in known})
+        return None, "its train.jsonl or eval.jsonl is missing"
+    return DatasetInfo(id=folder.name, folder=folder, **{k: v for k, v in meta.items() if k in described}), None
+
+
+def _read_info(folder: Path) -> DatasetInfo | None:
+    return _load_info(folder)[0]
+
+
+def scan_datasets(workspace: Path) -> tuple[list[DatasetInfo], list[str]]:
+    """(complete datasets, newest first with the sample data last among equals;
+    one message per dataset folder that cannot be used, which is skipped)."""
+    out, damaged = [], []
+    for folder in sorted(datasets_dir(workspace).iterdir()):
+        if folder.is_dir() and not folder.name.startswith("."):   # dot folders are being written
+            info, problem = _load_info(folder)
+            if info is not None:
+                out.append(info)
+            else:
+                damaged.append(f"Dataset folder {folder.name} is skipped: {problem}.")
+    return sorted(out, key=lambda d: (d.created_at, not d.sample), reverse=True), damaged
 
 
 def list_datasets(workspace: Path) -> list[DatasetInfo]:
     """Complete datasets, newest first (the sample data last among equals)."""
-    out = []
-    for folder in sorted(datasets_dir(workspace).iterdir()):
-        if folder.is_dir() and not folder.name.startswith("."):
-            info = _read_info(folder)
-            if info is not None:
-                out.append(info)
-    return sorted(out, key=lambda d: (d.created_at, not d.sample), reverse=True)
+    return scan_datasets(workspace)[0]
 
 
 def get_dataset(workspace: Path, dataset_id: str | None) -> DatasetInfo | None:
@@ -345,6 +371,9 @@ def ensure_sample_dataset(workspace: Path) -> DatasetInfo:
     existing = get_dataset(workspace, SAMPLE_DATASET)
     if existing is not None:
         return existing
+    folder = datasets_dir(workspace) / SAMPLE_DATASET
+    if folder.is_dir() and _load_info(folder)[0] is None:
+        shutil.rmtree(folder, ignore_errors=True)   # our own sample, damaged: made again
     info = create_dataset(
         workspace, SAMPLE_DATASET, (SAMPLE_DIR / "train.jsonl").read_bytes(), "train.jsonl",
         eval_raw=sample_eval_jsonl(), eval_filename="eval.jsonl", sample=True,
@@ -363,11 +392,16 @@ def dataset_preview(info: DatasetInfo, n: int = 20) -> tuple[pd.DataFrame, pd.Da
     """First rows of the training and evaluation files, as tables."""
     def rows(path: Path) -> list[dict]:
         out = []
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if len(out) >= n:
                     break
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue                # a damaged line: the preview shows the others
+                if not isinstance(row, dict):
+                    continue
                 if "messages" in row:
                     row = {"messages": " | ".join(f"{m['role']}: {m['content']}" for m in row["messages"])}
                 elif "must_include" in row:
@@ -395,14 +429,14 @@ TRAIN_LIMITS = {
 }
 METHOD_LABELS = {"qdylora": "QDyLoRA: one run trains every rank",
                  "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
-SCALE_LABELS = {"alpha/b": "α / b (DyLoRA, plain LoRA)", "alpha/sqrt(b)": "α / √b (rsLoRA)",
-                "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
+                "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)"}
 def _recipe_defaults() -> dict:
     """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
     from core.train_config import TrainConfig
 
     d = TrainConfig(data="unused", out="unused")
-    return dict(method=d.method, scale=d.scale, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
+    return dict(method=d.method, scale=None, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
                 alpha=d.alpha, lr=d.lr, update=d.update)
 
 
@@ -417,7 +451,7 @@ def train_form_defaults(preset: str | None = None) -> dict:
     values (the first preset by default) plus the fields that presets leave alone."""
     preset = preset if preset in PRESETS else next(iter(PRESETS))
     return dict(preset=preset, dataset=None, model="default", model_path="", rank_list="1,2,4,8",
-                grad_accum=1, name="run", **PRESETS[preset])
+                grad_accum=1, name="run", processes=1, **PRESETS[preset])
 
 
 @dataclass
@@ -439,8 +473,9 @@ class TrainForm:
     grad_accum: int = 1
     seed: int = 42
     method: str = "qdylora"
-    scale: str = "alpha/b"
+    scale: str | None = None        # None: the method's recommended rule
     ranks_per_step: int = 1
+    processes: int = 1          # data-parallel training processes (qdylora train --processes)
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -476,6 +511,9 @@ def train_problems(form: TrainForm) -> list[str]:
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
+    if form.processes > 1 and form.batch_size % form.processes:
+        problems.append(f"Batch size {form.batch_size} does not divide by {form.processes} processes: each process "
+                        "takes an equal share of every batch.")
     return problems
 
 
@@ -490,23 +528,38 @@ def train_args(form: TrainForm) -> list[str]:
             "--update", form.update, "--steps", form.steps, "--batch-size", form.batch_size,
             "--grad-accum", form.grad_accum, "--lr", form.lr, "--max-length", form.max_length,
             "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress",
-            "--method", form.method, "--scale", form.scale, "--ranks-per-step", form.ranks_per_step]
+            "--method", form.method, "--ranks-per-step", form.ranks_per_step] + (["--scale", form.scale] if form.scale else [])
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
+    if form.processes > 1:
+        args += ["--processes", form.processes]
     return [str(a) for a in args]
 
 
-def refine_args(run_dir: Path, rank: int, steps: int, lr: float | None = None) -> list[str]:
+def refine_problems(rank, steps, lr, r_max: int | None) -> list[str]:
+    """Why the Export page's polish form cannot be launched ([] = fine); lr None = the run's."""
+    problems = []
+    if not _whole_number_in(rank, 1, r_max):
+        problems.append(f"The rank to polish must be a whole number from 1 to {r_max or 'r_max'} (got {rank}).")
+    lo, hi = TRAIN_LIMITS["steps"]
+    if not _whole_number_in(steps, lo, hi):
+        problems.append(f"Extra steps must be a whole number from {lo} to {hi:,} (got {steps}).")
+    lo, hi = TRAIN_LIMITS["lr"]
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lo <= lr <= hi):
+        problems.append(f"The learning rate must be between {lo:g} and {hi:g} (got {lr}).")
+    return problems
+
+
+def refine_args(run_dir: Path, rank: int, steps: int, lr: float | None = None, r_max: int | None = None) -> list[str]:
     """CLI arguments of `python -m core train` (without --out) that polish rank b of a finished run
     as a new run (the parent's recipe at r_max = b, warm-started; see core.refine)."""
-    from core.refine import refine_config
+    from core.refine import check_warm_start, refine_config
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or not TRAIN_LIMITS["steps"][0] <= steps <= TRAIN_LIMITS["steps"][1]:
-        raise UserError(f"Steps must be a whole number from 1 to {TRAIN_LIMITS['steps'][1]:,} (got {steps}).")
+    problems = refine_problems(rank, steps, lr, r_max)
+    if problems:
+        raise UserError(" ".join(problems))
     cfg = refine_config(Path(run_dir).resolve(), rank, steps, out="unused", lr=lr,
                         checkpoint_every=max(1, min(10, steps // 4 or 1)))
-    from core.refine import check_warm_start
-
     check_warm_start(cfg)
     return [*cfg.cli_args(), "--no-progress"]
 
@@ -538,28 +591,69 @@ def parse_rank_text(text: str, r_max: int) -> tuple[list[int], list[str]]:
     return sorted(set(ranks)), problems
 
 
-def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: int | None, max_new_tokens: int,
-               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str = "ref_nll") -> list[str]:
-    """CLI arguments of `python -m core sweep` (without --out)."""
+SWEEP_LIMITS = {"max_new_tokens": (1, 1024)}
+
+
+def _whole_number_in(value, lo: int, hi: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+
+
+def sweep_problems(ranks: list[int], metrics: list[str], max_prompts, max_new_tokens, n_eval: int | None = None) -> list[str]:
+    """Every reason the Sweep form cannot be launched, in words for people ([] = fine).
+    n_eval: how many evaluation prompts the dataset has (the most that can be used)."""
+    problems = []
+    if not ranks:
+        problems.append("Choose at least one rank.")
+    elif not any(r > 0 for r in ranks):
+        problems.append("Choose at least one rank above 0 (0 is only the base model).")
     if not metrics:
-        raise UserError("Choose at least one quality metric.")
-    if not 1 <= max_new_tokens <= 1024:
-        raise UserError(f"Answer length must be between 1 and 1024 tokens (got {max_new_tokens}).")
+        problems.append("Choose at least one quality metric.")
+    if max_prompts is not None and not _whole_number_in(max_prompts, 1, n_eval):
+        most = f" and {n_eval}" if n_eval else ""
+        problems.append(f"Prompts to use must be a whole number between 1{most} (got {max_prompts}).")
+    lo, hi = SWEEP_LIMITS["max_new_tokens"]
+    if not _whole_number_in(max_new_tokens, lo, hi):
+        problems.append(f"Answer length must be between {lo} and {hi} tokens (got {max_new_tokens}).")
+    return problems
+
+
+def sweep_args(run_dir: Path, prompts: Path, ranks: list[int], *, max_prompts: int | None, max_new_tokens: int,
+               metrics: list[str], latency: bool, threshold: float = 0.95, recommend_metric: str | None = None,
+               workers: int = 1) -> list[str]:
+    """CLI arguments of `python -m core sweep` (without --out); the recommendation uses
+    `recommend_metric` when it is measured, else the default among `metrics`."""
+    from core.evaluation.recommend import default_metric
+
+    problems = sweep_problems(ranks, metrics, max_prompts, max_new_tokens)
+    if problems:
+        raise UserError(" ".join(problems))
+    if recommend_metric not in metrics:
+        recommend_metric = default_metric(metrics)[0] or metrics[0]
     args = ["--run", str(Path(run_dir).resolve()), "--prompts", str(Path(prompts).resolve()),
             "--ranks", ",".join(map(str, ranks)), "--max-new-tokens", str(max_new_tokens),
             "--metrics", ",".join(metrics), "--latency", "on" if latency else "off",
-            "--recommend-metric", recommend_metric if recommend_metric in metrics else metrics[0],
+            "--recommend-metric", recommend_metric,
             "--threshold", str(threshold), "--no-progress"]
     if max_prompts:
         args += ["--max-prompts", str(int(max_prompts))]
+    if workers > 1:
+        args += ["--workers", str(int(workers))]
     return args
+
+
+def export_problems(rank, r_max: int | None) -> list[str]:
+    """Why the Export form cannot be launched ([] = fine)."""
+    if not _whole_number_in(rank, 1, r_max):
+        return [f"The rank to export must be a whole number from 1 to {r_max or 'r_max'} (got {rank})."]
+    return []
 
 
 def export_args(run_dir: Path, rank: int, *, merge: bool, sweep_dir: Path | None = None,
                 r_max: int | None = None) -> list[str]:
     """CLI arguments of `python -m core export` (without --out)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or (r_max is not None and rank > r_max):
-        raise UserError(f"The rank to export must be a whole number from 1 to {r_max or 'r_max'} (got {rank}).")
+    problems = export_problems(rank, r_max)
+    if problems:
+        raise UserError(" ".join(problems))
     args = ["--run", str(Path(run_dir).resolve()), "--rank", str(rank)]
     if merge:
         args.append("--merge")
@@ -569,14 +663,6 @@ def export_args(run_dir: Path, rank: int, *, merge: bool, sweep_dir: Path | None
 
 
 # ------------------------------------------------------------------ reading job folders
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -633,16 +719,16 @@ def read_run(run_dir: Path) -> RunView:
     for r in df["rank"].dropna().astype(int).tolist() if not df.empty else []:
         hist[r] = hist.get(r, 0) + 1
     if not hist:
-        saved = _read_json(run_dir / "rank_histogram.json") or {}
+        saved = read_json_object(run_dir / "rank_histogram.json") or {}
         hist = {int(k): int(v) for k, v in saved.items()}
     starts = [e for e in events if e.get("event") == "start"]
     status = runstate.read_status(run_dir)
-    config = _read_json(run_dir / "config.json")
+    config = read_json_object(run_dir / "config.json")
     total = (status or {}).get("total_steps") or (starts[-1].get("total_steps") if starts else None)
     if total is None and config:
         total = (config.get("train") or {}).get("steps")
     return RunView(status, config, df, dict(sorted(hist.items())), starts[-1] if starts else None, total,
-                   _read_json(run_dir / "data_report.json"))
+                   read_json_object(run_dir / "data_report.json"))
 
 
 @dataclass
@@ -660,6 +746,8 @@ class SweepView:
     per_prompt: pd.DataFrame | None
     meta: dict | None                # sweep.json
     sweep_dir: Path | None = None
+    by_set: pd.DataFrame | None = None  # summary_by_set.csv: quality per (named evaluation set, rank)
+    summary_problem: str | None = None  # why summary.csv or per_prompt.csv could not be read (then summary is None)
     phase: str | None = None         # while running: "latency" (timing the current rank) or "quality" (answering)
 
     @property
@@ -693,6 +781,20 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         return None
 
 
+SWEEP_RESULT_FILES = ("summary.csv", "per_prompt.csv", "summary_by_set.csv", "sweep.json")
+
+
+def sweep_stamp(sweep_dir: Path) -> float:
+    """Changes whenever any of a sweep's result files changes (a cache key for pages)."""
+    stamps = []
+    for name in SWEEP_RESULT_FILES:
+        try:
+            stamps.append((Path(sweep_dir) / name).stat().st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return float(hash(tuple(stamps)))
+
+
 def read_sweep(sweep_dir: Path) -> SweepView:
     sweep_dir = Path(sweep_dir)
     events = runstate.read_events(sweep_dir)
@@ -719,23 +821,33 @@ def read_sweep(sweep_dir: Path) -> SweepView:
         elif kind == "rank_done" and e.get("rank") is not None:
             ranks_done.append(int(e["rank"]))
             phase = None
-    cfg = (_read_json(sweep_dir / "config.json") or {}).get("config")
-    meta = _read_json(sweep_dir / "sweep.json")
+    cfg = (read_json_object(sweep_dir / "config.json") or {}).get("config")
+    meta = read_json_object(sweep_dir / "sweep.json")
     if meta and meta.get("ranks_done"):
         ranks_done = [int(r) for r in meta["ranks_done"]]
-    summary = _read_csv(sweep_dir / "summary.csv")
-    if summary is not None and not summary.empty:
-        summary = summary.sort_values("rank").reset_index(drop=True)
+    summary, per_prompt, problem = None, None, None
+    if (sweep_dir / SUMMARY_FILE).is_file():
+        try:
+            summary = read_summary(sweep_dir)
+            if (sweep_dir / PER_PROMPT_FILE).is_file():
+                read_per_prompt(sweep_dir)              # checked through; the table keeps pandas' own types
+                per_prompt = _read_csv(sweep_dir / PER_PROMPT_FILE)
+        except UserError as exc:
+            summary, problem = None, str(exc)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, _read_csv(sweep_dir / "per_prompt.csv"), meta, sweep_dir, phase)
+                     summary, per_prompt, meta, sweep_dir, _read_csv(sweep_dir / "summary_by_set.csv"), problem, phase)
 
 
 def eval_fact_count(info: DatasetInfo) -> int:
     """How many of the dataset's evaluation prompts list must-include facts."""
     n = 0
-    with open(info.eval_path, encoding="utf-8") as fh:
+    with open(info.eval_path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            if line.strip() and json.loads(line).get("must_include"):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (ValueError, RecursionError):
+                continue                # a damaged line counts as none (the sweep reports it)
+            if isinstance(record, dict) and record.get("must_include"):
                 n += 1
     return n
 
@@ -846,7 +958,7 @@ def answers_side_by_side(per_prompt: pd.DataFrame, prompt_id: str, ranks: list[i
 
 def read_export(export_dir: Path) -> dict | None:
     """The rank card (rank_card.json) of a finished export, with its markdown."""
-    card = _read_json(Path(export_dir) / "rank_card.json")
+    card = read_json_object(Path(export_dir) / "rank_card.json")
     if card is None:
         return None
     md = Path(export_dir) / "rank_card.md"

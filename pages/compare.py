@@ -62,8 +62,7 @@ if not sweeps:
     st.page_link(ui.page_path("sweep"), label="Go to Sweep", icon=":material/tune:")
     st.stop()
 job = ui.pick_job("Sweep", sweeps, "sweep", "cmp-sweep")
-summary_file = job.out_dir / "summary.csv"
-stamp = summary_file.stat().st_mtime
+stamp = wd.sweep_stamp(job.out_dir)
 sweep_dir = str(job.out_dir)
 view = load(sweep_dir, stamp)
 summary, per_prompt = view.summary, view.per_prompt
@@ -74,10 +73,13 @@ if job.status != "completed":
         @st.fragment(run_every="5s")
         def _next_rank() -> None:
             """Redraw the page when the running sweep has written another rank."""
-            if summary_file.stat().st_mtime != stamp:
+            if wd.sweep_stamp(job.out_dir) != stamp:
                 st.rerun()
 
         _next_rank()
+if view.summary_problem:
+    st.warning(view.summary_problem, icon=":material/warning:")
+    st.stop()
 if summary is None or summary.empty or not view.metrics or per_prompt is None or per_prompt.empty:
     st.info("This sweep has no quality numbers yet.")
     st.stop()
@@ -131,6 +133,13 @@ with tab_q:
     st.caption("Dots are each rank's average over the prompts, bars its 95 % range. The shaded band holds the "
                "values within the tolerance of the best rank; the decision itself compares ranks prompt by prompt, "
                "which is sharper than comparing these bars.")
+    per_set = T.by_set_table(view.by_set, metric)
+    if per_set is not None:
+        st.markdown(f"**{METRICS[metric].label} on each part of the evaluation**")
+        st.dataframe(per_set, hide_index=True)
+        st.caption("The evaluation prompts come in named sets. On the sample data, *FAQ recall* asks for answers "
+                   "that were in the training data word for word, *new wordings* for the same facts in words never "
+                   "trained on: a rank that does well only on the first recites rather than knows.")
 
 with tab_s:
     fig = ui.speed_chart(summary, chosen)
@@ -221,8 +230,9 @@ with tab_play:
                               placeholder="e.g. " + str(per_prompt["prompt"].iloc[0]))
     pg_ranks = c[1].multiselect("Ranks (0 = base model)", list(range(r_max + 1)), key="pg-ranks", format_func=w.rank_label,
                                 default=sorted({0, chosen or 0, r_max}))
-    tokens = c[2].number_input("Answer length", 8, pg.MAX_NEW_TOKENS, 64, step=8, key="pg-tokens",
-                               help="Most tokens per answer")
+    # ui.number_field: an out-of-range length reaches pg.ask's check instead of staying in the browser.
+    tokens = ui.number_field(c[2], "Answer length", 64, (1, pg.MAX_NEW_TOKENS), key="pg-tokens", step=8,
+                             help="Most tokens per answer.")
     buttons = st.container(horizontal=True)
     if buttons.button("Ask", type="primary", icon=":material/send:", key="pg-ask", disabled=folder is None):
         try:
@@ -274,7 +284,7 @@ with tab_play:
 with tab_all:
     st.dataframe(T.summary_table(summary, rec, metrics), hide_index=True)
     c = st.columns(2)
-    c[0].download_button("Download summary.csv (raw numbers)", summary_file.read_bytes(), "summary.csv", "text/csv",
+    c[0].download_button("Download summary.csv (raw numbers)", (job.out_dir / "summary.csv").read_bytes(), "summary.csv", "text/csv",
                          icon=":material/download:", on_click="ignore")
     c[1].download_button("Download per_prompt.csv (every answer)", (job.out_dir / "per_prompt.csv").read_bytes(),
                          "per_prompt.csv", "text/csv", icon=":material/download:", on_click="ignore")

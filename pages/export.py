@@ -51,7 +51,7 @@ def finished_export(job) -> None:
             key=f"zip-merged-{job.id}", on_click="ignore")
     sweep_dir = (card.get("measured") or {}).get("sweep")
     if sweep_dir and (Path(sweep_dir) / "summary.csv").is_file():
-        stamp = (Path(sweep_dir) / "summary.csv").stat().st_mtime
+        stamp = wd.sweep_stamp(sweep_dir)
         c = st.container(horizontal=True)
         c.download_button("Decision report (HTML)", lambda: decision_report(sweep_dir, stamp, int(card["rank"]))[0],
                           f"{job.out_dir.name}-decision-report.html", "text/html",
@@ -107,7 +107,8 @@ if sweeps:
 rec = wd.read_sweep(sweep.out_dir).recommendation if sweep else None
 wanted = ui.selected_id("rank")
 default = wanted if wanted and 1 <= wanted <= r_max else (rec or {}).get("rank") or r_max
-rank = st.number_input("Rank to export", 1, r_max, value=int(default), key=f"ex-rank-{run.id}-{default}")
+rank = ui.number_field(st, "Rank to export", int(default), (1, r_max), key=f"ex-rank-{run.id}-{default}", step=1)
+problems = wd.export_problems(rank, r_max)
 if rec and rec.get("rank"):
     label = METRICS[rec["metric"]].label.lower() if rec.get("metric") in METRICS else rec.get("metric")
     st.caption(f"Recommended by the sweep: rank **{rec['rank']}** — {rec.get('headline', '')} (on {label}, within "
@@ -117,7 +118,9 @@ merge = st.checkbox("Also write a merged model (the adapter folded into a full-p
 name = st.text_input("Export name", value=f"{run.name}-rank{int(rank)}", max_chars=60, key=f"ex-name-{int(rank)}")
 if sweep is not None and int(rank) not in wd.read_sweep(sweep.out_dir).ranks_done:
     st.caption(f"The sweep did not measure rank {int(rank)}: the rank card will have no measured numbers.")
-if st.button("Export", type="primary", icon=":material/ios_share:"):
+for p in problems:
+    st.error(p, icon=":material/block:")
+if st.button("Export", type="primary", icon=":material/ios_share:", disabled=bool(problems)):
     try:
         measured = sweep is not None and int(rank) in wd.read_sweep(sweep.out_dir).ranks_done
         args = wd.export_args(run.out_dir, int(rank), merge=merge, sweep_dir=sweep.out_dir if measured else None,
@@ -132,12 +135,17 @@ with st.expander(f"Polish rank {int(rank)} before exporting it", icon=":material
     st.markdown(f"Continue training rank {int(rank)} of this run on its own, starting from exactly what it is now. "
                 "The result is a new training run (sweep and export it like any other).")
     c = st.columns([1, 1, 2], vertical_alignment="bottom")
-    polish_steps = c[0].number_input("Extra steps", 1, wd.TRAIN_LIMITS["steps"][1], 40, key=f"polish-steps-{run.id}")
-    polish_lr = c[1].number_input("Learning rate", 1e-7, 0.1, float((view.config or {}).get("train", {}).get("lr", 2e-4)),
-                                  format="%.5f", key=f"polish-lr-{run.id}")
-    if c[2].button(f"Polish rank {int(rank)}", icon=":material/play_arrow:", key=f"polish-{run.id}"):
+    # ui.number_field: out-of-range entries reach refine_problems below instead of staying in the browser.
+    polish_steps = ui.number_field(c[0], "Extra steps", 40, wd.TRAIN_LIMITS["steps"], key=f"polish-steps-{run.id}", step=1)
+    polish_lr = ui.number_field(c[1], "Learning rate", float((view.config or {}).get("train", {}).get("lr", 2e-4)),
+                                wd.TRAIN_LIMITS["lr"], key=f"polish-lr-{run.id}", format="%.5f")
+    polish_problems = wd.refine_problems(rank, polish_steps, polish_lr, r_max)
+    for p in polish_problems:
+        st.error(p, icon=":material/block:")
+    if c[2].button(f"Polish rank {int(rank)}", icon=":material/play_arrow:", key=f"polish-{run.id}",
+                   disabled=bool(polish_problems)):
         try:
-            args = wd.refine_args(run.out_dir, int(rank), int(polish_steps), lr=float(polish_lr))
+            args = wd.refine_args(run.out_dir, int(rank), int(polish_steps), lr=float(polish_lr), r_max=r_max)
             new = store.submit("train", f"{run.name}-rank{int(rank)}-polished", args, parent_id=run.id)
         except UserError as exc:
             st.error(str(exc))

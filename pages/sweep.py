@@ -30,6 +30,8 @@ def monitor(job_id: int) -> bool:
         st.progress(view.fraction, text=f"{rank}{timing}{view.done_units} of {view.total_units} answers{eta}")
     if view.ranks_done:
         st.markdown("Ranks measured: " + ", ".join(f"**{r}**" for r in view.ranks_done))
+    if view.summary_problem:
+        st.warning(view.summary_problem, icon=":material/warning:")
     ui.failure_box(job)
     if view.summary is not None and not job.active:
         if job.status == "completed":
@@ -85,19 +87,20 @@ if not has_facts:
         st.warning(f"{METRICS['fact_recall'].label} will stay empty: no prompt of this set lists must-include facts.",
                    icon=":material/warning:")
 c = st.columns(3, vertical_alignment="bottom")
-max_prompts = c[0].number_input("Prompts to use", 1, max(1, dataset.n_eval), value=min(20, dataset.n_eval),
-                                key="sw-maxp", help="The first N evaluation prompts; fewer is faster.")
-new_tokens = c[1].number_input("Answer length (tokens)", 1, 1024, value=64, key="sw-tokens")
+max_prompts = ui.number_field(c[0], "Prompts to use", min(20, dataset.n_eval), (1, max(1, dataset.n_eval)),
+                              key="sw-maxp", help="The first N evaluation prompts; fewer is faster.", step=1)
+new_tokens = ui.number_field(c[1], "Answer length (tokens)", 64, wd.SWEEP_LIMITS["max_new_tokens"], key="sw-tokens",
+                             step=1)
 latency = c[2].checkbox("Measure speed", value=True, key="sw-latency",
                         help="Time to first token and ms per token, with the adapter and merged.")
+workers = ui.parallel_choice(
+    st.columns(3)[0], "Sweep workers", "sw-workers", 1,
+    help="Processes measuring different ranks at once (one per GPU, or sharing the CPU cores); the results are the "
+         "same files. On a shared CPU the speed numbers are measured under each other's load.")
+if workers > 1 and len(ranks) < workers:
+    st.caption(f"{workers} workers for {len(ranks)} rank{'s' if len(ranks) != 1 else ''}: one worker per rank will run.")
 name = st.text_input("Sweep name", value=f"{run.name}-sweep", max_chars=60, key="sw-name")
-problems = []
-if not ranks:
-    problems.append("Choose at least one rank.")
-elif not any(r > 0 for r in ranks):
-    problems.append("Choose at least one rank above 0 (0 is only the base model).")
-if not metrics:
-    problems.append("Choose at least one quality metric.")
+problems = wd.sweep_problems(ranks, metrics, max_prompts, new_tokens, n_eval=dataset.n_eval)
 for p in problems:
     st.error(p, icon=":material/block:")
 units = len(ranks) * int(max_prompts)
@@ -106,7 +109,7 @@ st.caption(f"{units} answers of up to {new_tokens} tokens will be generated"
 if st.button("Start sweep", type="primary", disabled=bool(problems), icon=":material/play_arrow:"):
     try:
         args = wd.sweep_args(run.out_dir, dataset.eval_path, sorted(ranks), max_prompts=int(max_prompts),
-                             max_new_tokens=int(new_tokens), metrics=metrics, latency=latency)
+                             max_new_tokens=int(new_tokens), metrics=metrics, latency=latency, workers=workers)
         new = store.submit("sweep", name or "sweep", args, parent_id=run.id)
     except UserError as exc:
         st.error(str(exc))

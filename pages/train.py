@@ -7,6 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
+from core.qdylora.config import METHOD_SCALE
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -142,34 +143,42 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(
         "Scale at rank b", scales, index=scales.index(values["scale"]), key=field_key("scale"),
-        format_func=wd.SCALE_LABELS.get, help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
-    ranks_per_step = keep("ranks_per_step", c[1].number_input(
-        "Ranks per step", 1, 256, int(values["ranks_per_step"]), key=field_key("ranks_per_step"), step=1,
-        help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
+        format_func=lambda rule: wd.SCALE_LABELS[rule] if rule else f"recommended for the method: {wd.SCALE_LABELS[METHOD_SCALE[method]]}",
+        help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
+    # ui.number_field: out-of-range entries reach train_problems below instead of staying in the browser.
+    limits = wd.TRAIN_LIMITS
+    ranks_per_step = keep("ranks_per_step", ui.number_field(
+        c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),
+        step=1, help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
     st.caption(RECIPE_EVIDENCE)
     c = st.columns(4)
-    r_max = keep("r_max", c[0].number_input("r_max (largest rank)", 1, 256, int(values["r_max"]),
-                                            key=field_key("r_max"), step=1))
-    alpha = keep("alpha", c[1].number_input("α (alpha)", 0.01, 1024.0, float(values["alpha"]),
-                                            key=field_key("alpha"), step=1.0,
-                                            help="The adapter's scale at rank b is computed from α by the scale rule."))
-    steps = keep("steps", c[2].number_input("Steps", 1, 100_000, int(values["steps"]), key=field_key("steps"),
-                                            step=10))
-    batch = keep("batch_size", c[3].number_input("Batch size", 1, 256, int(values["batch_size"]),
-                                                 key=field_key("batch_size"), step=1))
+    r_max = keep("r_max", ui.number_field(c[0], "r_max (largest rank)", int(values["r_max"]), limits["r_max"],
+                                          key=field_key("r_max"), step=1))
+    alpha = keep("alpha", ui.number_field(c[1], "α (alpha)", float(values["alpha"]), limits["alpha"],
+                                          key=field_key("alpha"), step=1.0,
+                                          help="The adapter's scale at rank b is computed from α by the scale rule."))
+    steps = keep("steps", ui.number_field(c[2], "Steps", int(values["steps"]), limits["steps"], key=field_key("steps"),
+                                          step=10))
+    batch = keep("batch_size", ui.number_field(c[3], "Batch size", int(values["batch_size"]), limits["batch_size"],
+                                               key=field_key("batch_size"), step=1))
     c = st.columns(4)
-    lr = keep("lr", c[0].number_input("Learning rate", 1e-7, 0.1, float(values["lr"]), key=field_key("lr"),
-                                      step=1e-4, format="%.5f"))
-    max_length = keep("max_length", c[1].number_input("Max length (tokens)", 16, 8192, int(values["max_length"]),
-                                                      key=field_key("max_length"), step=32))
-    grad_accum = keep("grad_accum", c[2].number_input("Gradient accumulation", 1, 256, int(values["grad_accum"]),
-                                                      key="f-grad_accum"))
+    lr = keep("lr", ui.number_field(c[0], "Learning rate", float(values["lr"]), limits["lr"], key=field_key("lr"),
+                                    step=1e-4, format="%.5f"))
+    max_length = keep("max_length", ui.number_field(c[1], "Max length (tokens)", int(values["max_length"]),
+                                                    limits["max_length"], key=field_key("max_length"), step=32))
+    grad_accum = keep("grad_accum", ui.number_field(c[2], "Gradient accumulation", int(values["grad_accum"]),
+                                                    limits["grad_accum"], key="f-grad_accum", step=1))
     name = keep("name", c[3].text_input("Run name", value=values["name"], max_chars=60, key="f-name"))
+    processes = keep("processes", ui.parallel_choice(
+        st.columns(4)[0], "Training processes", "f-processes", values.get("processes", 1),
+        help="Data-parallel training through Accelerate: each process takes an equal share of every batch (the batch "
+             "size must divide by it) and they train the same adapter as one process would. One process per GPU; "
+             "on CPU they share the cores, so expect a small gain (docs/SCALING.md)."))
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
                         batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum),
-                        method=method, scale=scale, ranks_per_step=int(ranks_per_step))
+                        method=method, scale=scale, ranks_per_step=int(ranks_per_step), processes=int(processes))
     problems = wd.train_problems(form)
 
     # -------- estimate before launch

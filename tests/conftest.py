@@ -56,6 +56,18 @@ def small_train_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def finished_tiny_run(tiny_model_dir, small_train_file, tmp_path_factory) -> Path:
+    """A completed 2-step run (r_max 4, no quantization) on the tiny model. Shared: tests
+    must not change it (the corpus and fault tests assert that they do not)."""
+    from core.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(data=str(small_train_file), out=str(out), model=str(tiny_model_dir), quant="none", r_max=4,
+                      steps=2, batch_size=2, max_length=48, checkpoint_every=1))
+    return out
+
+
 @pytest.fixture
 def cli_in_process(capsys):
     """Run `main()` here (no interpreter start-up), restoring the signal handlers it installs."""
@@ -64,7 +76,10 @@ def cli_in_process(capsys):
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def call(*args):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:     # argparse refusals (usage errors) exit from inside parse_args
+            code = exc.code
         captured = capsys.readouterr()
         return code, captured.err
 

@@ -58,6 +58,8 @@ def main(argv=None) -> int:
             f.write(json.dumps(kw) + "\n")
 
     start = 0
+    if not a.resume:  # like the real CLI: the job's config is its first file
+        (out / "config.json").write_text(json.dumps({"fake": a.kind, "steps": a.steps}))
     if a.resume:
         start = int(json.loads((out / "status.json").read_text()).get("step", 0))
         print(f"resumed from step {start}", flush=True)

@@ -28,3 +28,41 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def kill_store_processes(db_path: Path) -> None:
+    """SIGKILL every worker and CLI process a job store's database names (test cleanup)."""
+    import contextlib
+    import signal
+    import sqlite3
+
+    from core.jobs import _pid_alive
+
+    with contextlib.suppress(sqlite3.Error):
+        db = sqlite3.connect(db_path)
+        try:
+            for pid, wpid in db.execute("SELECT pid, worker_pid FROM jobs"):
+                for p in (wpid, pid):
+                    if p and _pid_alive(p):
+                        with contextlib.suppress(OSError):
+                            os.killpg(p, signal.SIGKILL)
+        finally:
+            db.close()
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every file and folder under `folders` with its size, modification time and bytes'
+    hash: equal snapshots mean nothing was written, changed or removed there."""
+    import hashlib
+
+    state = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            state[str(folder)] = None
+            continue
+        for path in [folder, *sorted(folder.rglob("*"))]:
+            st = path.lstat()
+            digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
+            state[str(path)] = (st.st_mode, st.st_size if digest else None, st.st_mtime_ns if digest else None, digest)
+    return state

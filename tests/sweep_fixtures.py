@@ -45,8 +45,8 @@ def _csv(path: Path, columns, rows) -> None:
 
 def make_run(folder: Path, data: Path, r_max: int = 4, steps: int = 4) -> None:
     (folder / "config.json").write_text(json.dumps({
-        "train": {"data": str(data), "model": "default", "quant": "nf4", "r_max": r_max, "steps": steps,
-                  "batch_size": 4, "lr": 3e-4, "max_length": 256, "rank_sampling": "uniform"},
+        "train": {"data": str(data), "out": str(folder), "model": "default", "quant": "nf4", "r_max": r_max,
+                  "steps": steps, "batch_size": 4, "lr": 3e-4, "max_length": 256, "rank_sampling": "uniform"},
         "qdylora": {"r_max": r_max, "alpha": 16.0, "dropout": 0.05, "rank_sampling": "uniform"},
         "model": {"name": "SmolLM2-135M-Instruct", "path": "/models/smol", "quant": "nf4",
                   "compute_dtype": "float32", "device": "cpu"},

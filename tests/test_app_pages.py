@@ -205,7 +205,8 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert args[args.index("--r-max") + 1] == "64" and args[args.index("--steps") + 1] == "7"
     standard = wd.PRESETS["Standard"]
     assert args[args.index("--alpha") + 1] == str(standard["alpha"]) and args[args.index("--lr") + 1] == str(standard["lr"])
-    assert args[args.index("--scale") + 1] == standard["scale"] and args[args.index("--method") + 1] == standard["method"]
+    assert args[args.index("--method") + 1] == standard["method"]
+    assert "--scale" not in args and standard["scale"] is None      # the method's recommended rule
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
 
@@ -261,6 +262,34 @@ def test_train_page_refuses_bad_values_before_launch(workspace, tmp_path):
     assert workspace.submitted == []
 
 
+def fake_devices(monkeypatch, kind: str, count: int):
+    from core import distributed
+
+    names = ("NVIDIA H100 80GB HBM3",) * count if kind == "cuda" else ()
+    monkeypatch.setattr(distributed, "find_devices", lambda: distributed.Devices(kind, count, names))
+
+
+def test_train_page_offers_processes_only_when_there_are_several_devices(workspace, monkeypatch):
+    fake_devices(monkeypatch, "cuda", 1)
+    at = app("train")
+    assert "Devices found: 1 GPU (NVIDIA H100 80GB HBM3): one process." in texts(at)
+    assert not [w for w in at.number_input if w.label == "Training processes"]
+    button(at, "Start training").click().run()
+    assert "--processes" not in workspace.submitted[-1]["args"]
+
+    fake_devices(monkeypatch, "cuda", 2)
+    at = app("train")
+    assert "Devices found: 2 × NVIDIA H100 80GB HBM3." in texts(at)
+    field(at.number_input, "Training processes").set_value(2).run()
+    field(at.number_input, "Batch size").set_value(3).run()
+    assert any("does not divide by 2 processes" in e.value for e in at.error)
+    assert button(at, "Start training").disabled
+    field(at.number_input, "Batch size").set_value(4).run()
+    button(at, "Start training").click().run()
+    args = workspace.submitted[-1]["args"]
+    assert args[args.index("--processes") + 1] == "2" and args[args.index("--batch-size") + 1] == "4"
+
+
 def test_train_page_monitors_a_run(results):
     store, run, sweep, export = results
     at = app("train", run=run.id)
@@ -287,6 +316,22 @@ def test_sweep_page_defaults_and_launch(results):
     args = sub["args"]
     assert args[args.index("--ranks") + 1] == "0,1,2,4" and args[args.index("--latency") + 1] == "off"
     assert args[args.index("--max-prompts") + 1] == "5" and args[args.index("--prompts") + 1].endswith("eval.jsonl")
+
+
+def test_sweep_page_offers_workers_when_there_are_several_devices(results, monkeypatch):
+    store, run, sweep, export = results
+    fake_devices(monkeypatch, "cpu", 4)
+    at = app("sweep", run=run.id)
+    assert "Devices found: 4 CPU cores, no GPU." in texts(at)
+    at.number_input(key="sw-workers").set_value(3).run()
+    at.multiselect(key=f"sw-ranks-{run.id}").set_value([0, 4]).run()
+    assert "3 workers for 2 ranks: one worker per rank will run." in texts(at)
+    button(at, "Start sweep").click().run()
+    args = store.submitted[-1]["args"]
+    assert args[args.index("--workers") + 1] == "3"
+    fake_devices(monkeypatch, "cpu", 1)
+    at = app("sweep", run=run.id)
+    assert "Devices found: 1 CPU core, no GPU: one process." in texts(at) and "sw-workers" not in [w.key for w in at.number_input]
 
 
 def test_sweep_page_leaves_fact_recall_out_when_the_set_has_no_facts(results):
@@ -359,6 +404,33 @@ def test_compare_page_decides_in_plain_words(results):
     assert any(b.label == "Export rank 2 →" for b in at.button)
 
 
+def test_compare_page_reports_each_named_evaluation_set(results):
+    store, run, sweep, export = results
+    at = app("compare", sweep=sweep.id)
+    assert not [t for t in shown_tables(at) if list(t.columns)[:1] == ["Evaluation set"]]  # one unnamed set
+    rows = [{"set": name, "rank": b, "ref_nll": nll, "ref_nll_lo": nll - 0.1, "ref_nll_hi": nll + 0.1}
+            for name, shift in (("FAQ recall", 0.0), ("new wordings", 0.8)) for b, nll in ((0, 3.9 + shift), (2, 1.2 + shift))]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(sweep.out_dir / "summary_by_set.csv", index=False)
+    at = app("compare", sweep=sweep.id)
+    per_set = table(at, "Evaluation set")
+    assert per_set["Evaluation set"].tolist() == ["FAQ recall", "new wordings"]
+    assert list(per_set.columns) == ["Evaluation set", "Base model", "Rank 2"]
+    assert per_set["Rank 2"].tolist() == ["1.20 (1.10–1.30) nats/token", "2.00 (1.90–2.10) nats/token"]
+    assert "recites rather than knows" in texts(at)
+
+
+def test_compare_page_says_what_is_wrong_with_a_damaged_per_prompt_file(results):
+    store, run, sweep, export = results
+    path = sweep.out_dir / "per_prompt.csv"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text(lines[0] + "abc" + lines[1][lines[1].index(","):] + "".join(lines[2:]), encoding="utf-8")
+    at = app("compare", sweep=sweep.id)               # no exception (app() checks)
+    assert any("per_prompt.csv is damaged: row 1 has rank 'abc'" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
+
+
 def test_compare_page_tolerance_and_metric_change_the_decision(results):
     store, run, sweep, export = results
     at = app("compare", sweep=sweep.id)
@@ -416,7 +488,11 @@ def test_playground_streams_answers_of_several_ranks(results, monkeypatch):
     assert at.multiselect(key="pg-ranks").value == [0, 2, 4]
     at.button(key="pg-ask").click().run()
     assert any("Type a question first" in e.value for e in at.error)
+    at.number_input(key="pg-tokens").set_value(9999).run()       # no browser-side limit: the check says why
     at.text_area(key="pg-question").set_value("Where do you ship from?").run()
+    at.button(key="pg-ask").click().run()
+    assert any("The answer length must be 1 to 512 tokens." in e.value for e in at.error)
+    at.number_input(key="pg-tokens").set_value(64).run()
     at.button(key="pg-ask").click().run()
     folder = pg.folder_for(store.workspace, run.out_dir)
     deadline = time.time() + 30

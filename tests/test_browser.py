@@ -165,6 +165,9 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     """The steps of the dashboard, as a user takes them; screenshots after each."""
     from playwright.sync_api import expect
 
+    # Playwright's 5 s default is too short for a first page run on a 2-core machine busy
+    # with other work (the job store and the sample dataset are set up then).
+    expect.set_options(timeout=30_000)
     def idle() -> None:
         """Wait until the script run that the last action started has finished."""
         page.wait_for_timeout(400)
@@ -231,6 +234,25 @@ def _flow(page, url, ws, tiny, upload, tmp_path, hold):
     preset = PRESETS["Quick demo (CPU, ~5 min)"]    # the page's first preset, left selected
     expect(page.get_by_label("α (alpha)", exact=True)).to_have_value(f"{preset['alpha']:.2f}")
     expect(page.get_by_label("Learning rate", exact=True)).to_have_value(f"{preset['lr']:.5f}")
+
+    def typed(label: str, text: str, shown: str) -> None:
+        field = page.get_by_label(label, exact=True)
+        field.fill(text)
+        field.press("Enter")
+        idle()
+        expect(field).to_have_value(shown)
+
+    # Out-of-range entries reach the page, which blocks the launch and says why (the browser
+    # used to keep them to itself, red, while the job started with the old values).
+    number("r_max (largest rank)", 999)
+    number("Steps", 0)
+    typed("Learning rate", "5", "5.00000")
+    for reason in ("r max must be between 1 and 256 (got 999)", "steps must be between 1 and 100000 (got 0)",
+                   "lr must be between"):
+        expect(page.get_by_text(reason).first).to_be_visible()
+    expect(page.get_by_role("button", name="Start training").first).to_be_disabled()
+    shot("04a-train-form-refused")
+    typed("Learning rate", f"{preset['lr']:.5f}", f"{preset['lr']:.5f}")
     number("r_max (largest rank)", 4)
     number("Steps", 4)
     number("Batch size", 2)

@@ -1,7 +1,6 @@
 """core.jobs with a fake CLI (tests/fake_cli.py): real detached workers, no model."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import pytest
 
 from core.errors import UserError
 from core.jobs import JobStore, _pid_alive, default_workspace, sanitize_name
+from tests.helpers import kill_store_processes
 
 FAST = ["--steps", "3", "--step-s", "0.02"]
 
@@ -34,15 +34,8 @@ def stores(tmp_path):
 
     yield make
     # never leave processes behind
-    for s in {s.db_path: s for s in made}.values():
-        with contextlib.suppress(Exception):
-            db = sqlite3.connect(s.db_path)
-            for pid, wpid in db.execute("SELECT pid, worker_pid FROM jobs"):
-                for p in (wpid, pid):
-                    if p and _pid_alive(p):
-                        with contextlib.suppress(OSError):
-                            os.killpg(p, signal.SIGKILL)
-            db.close()
+    for db_path in {s.db_path for s in made}:
+        kill_store_processes(db_path)
 
 
 @pytest.fixture

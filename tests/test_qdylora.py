@@ -299,7 +299,7 @@ def test_svd_method_trains_at_r_max_only_and_is_used_with_the_constant_scale():
 @pytest.mark.parametrize("kwargs,message", [
     ({"scale": "alpha*b"}, "scale must be one of"), ({"method": "magic"}, "method must be one of"),
     ({"ranks_per_step": 0}, "ranks_per_step"), ({"extra_ranks": "all"}, "extra_ranks"),
-    ({"distill": 0.5}, "distill needs extra_ranks"), ({"distill": 1.5, "extra_ranks": "max"}, "distill must be in"),
+    ({"distill": 0.5}, "distill needs extra_ranks"), ({"distill": 1.5, "extra_ranks": "max"}, "distill must be a finite number in"),
     ({"update": "frozen", "ranks_per_step": 2}, "frozen"), ({"alpha": float("inf")}, "alpha"),
 ])
 def test_method_option_validation(kwargs, message):

@@ -208,3 +208,29 @@ def test_report_command_writes_the_report_and_refuses_a_used_folder(sweep, tmp_p
     assert code == 2 and "not a sweep folder" in err and not (tmp_path / "r2").exists()
     code, err = cli_in_process("report", "--sweep", str(sweep[1]), "--out", str(tmp_path / "r3"), "--threshold", "2")
     assert code == 2 and "--threshold" in err and not (tmp_path / "r3").exists()
+
+
+def test_by_set_table_in_words():
+    import pandas as pd
+
+    from core.evaluation.tables import by_set_table
+
+    by_set = pd.DataFrame([{"set": "FAQ recall", "rank": 0, "ref_nll": 3.912, "ref_nll_lo": 3.8, "ref_nll_hi": 4.0},
+                           {"set": "FAQ recall", "rank": 4, "ref_nll": 1.2049, "ref_nll_lo": 1.1, "ref_nll_hi": 1.3},
+                           {"set": "new wordings", "rank": 4, "ref_nll": 2.0, "ref_nll_lo": float("nan"), "ref_nll_hi": float("nan")}])
+    table = by_set_table(by_set, "ref_nll")
+    assert table.to_dict("records") == [
+        {"Evaluation set": "FAQ recall", "Base model": "3.91 (3.80–4.00) nats/token", "Rank 4": "1.20 (1.10–1.30) nats/token"},
+        {"Evaluation set": "new wordings", "Base model": "—", "Rank 4": "2.00 nats/token"}]
+    assert by_set_table(by_set, "rouge_l") is None and by_set_table(None, "ref_nll") is None
+
+
+def test_report_shows_each_named_evaluation_set(sweep):
+    run, sw = sweep
+    assert "on each named part of the evaluation" not in report_for_sweep(sw).markdown
+    pd.DataFrame([{"set": name, "rank": b, "ref_nll": v, "ref_nll_lo": v - 0.1, "ref_nll_hi": v + 0.1}
+                  for name, base in (("FAQ recall", 1.0), ("new wordings", 2.0)) for b, v in ((0, 4.0), (2, base))]
+                 ).to_csv(sw / "summary_by_set.csv", index=False)
+    md = report_for_sweep(sw).markdown
+    assert "on each named part of the evaluation" in md
+    assert "| FAQ recall | 4.00 (3.90–4.10) nats/token | 1.00 (0.90–1.10) nats/token |" in md

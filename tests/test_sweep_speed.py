@@ -215,3 +215,21 @@ def test_quality_path_flag_and_the_size_of_a_float_copy(runs):
         sizes[quant] = float_copy_bytes(model, torch.float32)
     plain = {id(p): p.numel() for name, p in load_run(runs("none")).model.named_parameters() if "lora_" not in name}
     assert sizes["nf4"] == sizes["none"] == 4 * sum(plain.values())
+
+
+def test_sweep_workers_are_given_one_quality_path_that_counts_a_float_copy_per_worker(runs):
+    """A sharded sweep decides auto once, before its workers load anything (so every rank is measured alike)."""
+    import torch
+
+    from core.evaluation.sweep import choose_quality_path, float_copy_bytes, planned_float_copy_bytes
+    from core.runs import load_run, run_info
+
+    assert choose_quality_path("auto", 100, 300)[0] == "merged"
+    path, why = choose_quality_path("auto", 100, 300, copies=2)      # two workers' copies need 200 > 0.6 × 300
+    assert path == "unmerged" and "2 float copies (0 MB each)" in why
+    assert choose_quality_path("merged", None, 0)[0] == "merged"
+    assert choose_quality_path("auto", None, 10**12)[0] == "unmerged"  # size unknown: the safe path
+    # known from the run's config alone (a meta-device skeleton, tied embeddings once) = the loaded model's copy
+    for quant in ("nf4", "none"):
+        need, device = planned_float_copy_bytes(run_info(runs(quant))["config"])
+        assert device == "cpu" and need == float_copy_bytes(load_run(runs(quant)).model, torch.float32)

@@ -44,12 +44,12 @@ class FakeMachine:
         self.busy += (others + ours) * seconds
         self.own += ours * seconds
 
-    def governor(self, cores=2) -> ThreadGovernor:
+    def governor(self, cores=2, cap=None) -> ThreadGovernor:
         def apply(n):
             self.applied.append(n)
             self.torch_threads = n
         return ThreadGovernor(cores, apply=apply, clock=lambda: self.t, read=lambda: (self.busy, 0.0, self.t * cores),
-                              own=lambda: self.own, actual=lambda: self.torch_threads)
+                              own=lambda: self.own, actual=lambda: self.torch_threads, cap=cap)
 
 
 def test_governor_gives_a_core_back_while_another_process_holds_it_and_takes_it_again_after():
@@ -66,6 +66,21 @@ def test_governor_gives_a_core_back_while_another_process_holds_it_and_takes_it_
     m.run(5, others=0.1, ours=1.0)            # it is gone
     assert gov.adjust() == 2 and m.applied == [1, 2]
     assert [c["threads"] for c in gov.changes] == [1, 2]
+
+
+def test_a_process_given_a_share_keeps_it_beside_its_sibling_and_gives_back_only_for_other_work():
+    """`train --processes 2` / `sweep --workers 2` on 4 cores: each process gets OMP_NUM_THREADS=2 (its cap); the
+    sibling's 2 busy cores leave it its 2, and a third process taking a core costs it one thread."""
+    m = FakeMachine()
+    gov = m.governor(cores=4, cap=2)
+    m.run(5, others=2.0, ours=2.0)            # the sibling process, busy on its 2 cores
+    assert gov.adjust() == 2 and m.applied == []
+    m.run(5, others=3.0, ours=1.0)            # something else arrives and holds a core
+    assert gov.adjust() == 1 and m.applied == [1]
+    m.run(5, others=2.0, ours=1.0)            # it is gone: back to the share, never above it
+    assert gov.adjust() == 2 and m.applied == [1, 2]
+    m.run(5, others=0.0, ours=2.0)
+    assert gov.adjust() == 2
 
 
 def test_governor_leaves_a_thread_count_the_program_chose():

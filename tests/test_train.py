@@ -313,3 +313,45 @@ def test_refine_refuses_bad_requests_before_writing_anything(tiny_model_dir, sma
     with pytest.raises(UserError, match="has not finished"):
         train(refine_config(cut, 2, steps=2, out=tmp_path / "new"))
     assert not (tmp_path / "new").exists()
+
+
+def test_refine_reads_the_adapter_where_training_writes_it():
+    from core.qdylora.inject import ADAPTER_FILE
+    from core.refine import ADAPTER_PATH
+    from core.train import ADAPTER_DIR
+
+    assert ADAPTER_PATH == (ADAPTER_DIR, ADAPTER_FILE)
+
+
+def test_a_refine_run_killed_before_its_first_checkpoint_resumes_warm(tiny_model_dir, small_train_file, tmp_path):
+    """A resumed run without a checkpoint starts again at step 0; a refine run must then start
+    from its parent's rank again, and end exactly where an uninterrupted one ends."""
+    import shutil
+
+    from core.refine import refine_config
+
+    parent = _completed_run(tiny_model_dir, small_train_file, tmp_path / "parent")
+    whole = tmp_path / "whole"
+    train(refine_config(parent, 3, steps=2, out=whole, lr=5e-4))
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)          # a run that died before it saved anything but its config
+    for leftover in ("checkpoint", "adapter", "rank_histogram.json", "progress.jsonl", "data_report.json"):
+        path = killed / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    runstate.write_status(killed, "failed", step=0, total_steps=2)
+    saved = json.loads((killed / "config.json").read_text())["train"]
+    result = train(TrainConfig.from_dict(saved | {"out": str(killed)}), resume=True)
+    assert result.status == "completed" and result.steps_done == 2
+    expected, got = (load_file(str(run / "adapter" / "adapter.safetensors")) for run in (whole, killed))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert expected[key].equal(got[key]), key
+
+
+def test_the_torch_free_run_config_check_names_the_resolved_model_fields():
+    from dataclasses import fields
+
+    from core.models import ResolvedModel
+    from core.train_config import RESOLVED_MODEL_FIELDS
+
+    assert tuple(f.name for f in fields(ResolvedModel)) == RESOLVED_MODEL_FIELDS

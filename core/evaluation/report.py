@@ -207,6 +207,11 @@ def _conditions(meta: dict, sweep_cfg: dict, summary: pd.DataFrame, n_prompts: i
                      f"generations of {sweep_cfg.get('latency_new_tokens', '?')} tokens after a warm-up, with the "
                      "adapter on the 4-bit base and merged into a full-precision copy; ranges are the fastest and "
                      "slowest run.")
+        workers = int((meta.get("run_meta") or {}).get("workers") or 1)
+        if workers > 1:
+            shared = "each on its own GPU" if str(model.get("device", "")).startswith("cuda") else "sharing the CPU cores"
+            items.append(f"Speed measured by {workers} sweep workers at once, {shared}: compare ranks with each other, "
+                         "and time a single rank alone for absolute numbers.")
     else:
         items.append("Speed was not measured in this sweep.")
     if quant == "nf4":
@@ -264,6 +269,11 @@ def build_report(view, run_config: dict | None = None, data_report: dict | None 
     doc.add("h", 2, "Quality")
     doc.add("img", "quality.png", f"{spec.label} per rank")
     doc.add("table", T.summary_table(summary, rec, measured))
+    per_set = T.by_set_table(getattr(view, "by_set", None), metric)
+    if per_set is not None:
+        doc.add("p", f"{spec.label} on each named part of the evaluation (a rank that does well on answers seen in "
+                     "training but not on new wordings of the same facts recites rather than knows):")
+        doc.add("table", per_set)
     doc.add("h", 2, "Speed")
     if speed is not None:
         images["speed.png"] = speed
@@ -310,7 +320,7 @@ def report_for_sweep(sweep_dir: Path, metric: str | None = None, threshold: floa
 
     view = wd.read_sweep(Path(sweep_dir))
     if view.summary is None:
-        raise UserError(f"{sweep_dir} is not a sweep folder with results (no summary.csv)")
+        raise UserError(view.summary_problem or f"{sweep_dir} is not a sweep folder with results (no summary.csv)")
     run_config = data_report = None
     if view.run_dir and Path(view.run_dir).is_dir():
         run = wd.read_run(Path(view.run_dir))

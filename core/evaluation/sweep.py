@@ -32,6 +32,8 @@ from core import runstate, threads
 from core.config_io import ConfigDict
 from core.errors import UserError
 from core.eta import MovingRate, combined_eta
+from core.fileio import DamagedFile, read_json, read_json_object
+from core.preflight import check_output_folder, make_output_folder
 from core.models import model_footprint_bytes
 from core.prompting import collate, encode_example
 from core.qdylora import qdylora_layers, set_rank
@@ -59,6 +61,8 @@ QUALITY_PATHS = ("auto", "merged", "unmerged")
 MERGED_COPY_SHARE = 0.6
 PROMPT_RATE_WINDOW = 4    # the time left follows the last 4 batches of prompts ...
 LATENCY_RATE_WINDOW = 2   # ... and the last 2 latency measurements (core.eta)
+MERGED_LATENCY_NOTE = ("merged latency measured once per sweep process (at its first rank), not at every rank: "
+                       "a merged model is the same computation at every rank")
 log = logging.getLogger("rank_studio.sweep")
 
 
@@ -114,7 +118,7 @@ class SweepConfig(ConfigDict):
     quality_path: str = field(default="auto", metadata={"help": "Model the quality metrics are computed on: merged (rank merged into a "
                                                                  "float copy of the base: same answers, faster), unmerged (adapter on the "
                                                                  "loaded base), or auto (merged when the copy fits in memory)."})
-    recommend_metric: str = field(default="ref_nll", metadata={"help": "Metric the recommendation uses (changeable later without re-running)."})
+    recommend_metric: str | None = field(default=None, metadata={"help": "Metric the recommendation uses, one of `metrics` (changeable later without re-running); None = the default deciding metric among `metrics` (ref_nll when measured)."})
     threshold: float = field(default=0.95, metadata={"help": "Share of the best rank's score a rank must reach."})
     n_bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
     seed: int = field(default=0, metadata={"help": "Seed for the bootstrap."})
@@ -134,8 +138,16 @@ class SweepConfig(ConfigDict):
             problems.append(f"max_prompts must be a positive integer, got {self.max_prompts!r}")
         if self.quality_path not in QUALITY_PATHS:
             problems.append(f"quality_path must be one of {', '.join(QUALITY_PATHS)}, got {self.quality_path!r}")
+        if self.recommend_metric is None:
+            from core.evaluation.recommend import DEFAULT_METRIC, default_metric
+
+            self.recommend_metric = (default_metric(self.metrics)[0] if self.metrics and not unknown else None) or DEFAULT_METRIC
         if self.recommend_metric not in QUALITY_METRICS:
             problems.append(f"recommend metric must be one of {', '.join(QUALITY_METRICS)}")
+        elif self.recommend_metric not in self.metrics and self.metrics and not unknown:
+            # Recommending by a metric that is not measured would silently use another one.
+            problems.append(f"the recommend metric {self.recommend_metric} is not among the metrics measured "
+                            f"({', '.join(self.metrics)}); add it to the metrics or recommend by one of them")
         if not 0 < self.threshold <= 1:
             problems.append(f"threshold must be in (0, 1], got {self.threshold!r}")
         if problems:
@@ -321,18 +333,32 @@ def available_memory_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def choose_quality_path(loaded, wanted: str) -> tuple[str, str]:
-    """('merged' | 'unmerged', why) for the quality metrics of a sweep."""
+def planned_float_copy_bytes(run_config: dict) -> tuple[int | None, str]:
+    """(float_copy_bytes, device) of a run's base as a sweep would load it, from its config alone (no
+    weights read); None bytes when the architecture cannot be built without its weights."""
+    from core.model_spec import ModelSpec
+    from core.models import dtype_from_name, resolve_model
+    from core.preflight import model_skeleton
+
+    resolved = resolve_model(ModelSpec(name_or_path=run_config["train"]["model"], quant=run_config["model"]["quant"]))
+    skeleton = model_skeleton(resolved.path)
+    need = float_copy_bytes(skeleton, dtype_from_name(resolved.compute_dtype)) if skeleton is not None else None
+    return need, resolved.device
+
+
+def choose_quality_path(wanted: str, need: int | None, have: int, copies: int = 1) -> tuple[str, str]:
+    """('merged' | 'unmerged', why) for the quality metrics of a sweep: with `wanted` auto, merged when
+    `copies` float copies of `need` bytes (one per worker sharing the memory) fit in `have`."""
     if wanted != "auto":
         return wanted, f"quality computed {wanted}, as asked"
-    from core.models import dtype_from_name
-
-    need = float_copy_bytes(loaded.model, dtype_from_name(loaded.resolved.compute_dtype))
-    have = available_memory_bytes(loaded.device)
-    if need <= MERGED_COPY_SHARE * have:
+    if need is None:
+        return "unmerged", ("quality computed with the adapter on the loaded base: the size of a float copy of this "
+                            "base could not be known before the workers load it")
+    if copies * need <= MERGED_COPY_SHARE * have:
         return "merged", (f"quality computed on each rank merged into a float copy of the base ({need / 2**20:.0f} MB; "
                           "same answers as the adapter, faster)")
-    return "unmerged", (f"quality computed with the adapter on the loaded base: a float copy ({need / 2**20:.0f} MB) "
+    copy = f"a float copy ({need / 2**20:.0f} MB)" if copies == 1 else f"{copies} float copies ({need / 2**20:.0f} MB each)"
+    return "unmerged", (f"quality computed with the adapter on the loaded base: {copy} "
                         f"would not fit in the {have / 2**20:.0f} MB available")
 
 
@@ -396,11 +422,11 @@ def read_rank_results(out: Path) -> dict[int, dict]:
     folder = out / RANKS_DIR
     if folder.is_dir():
         for path in folder.glob("rank_*.json"):
+            data = read_json_object(path)
             try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue  # a half-written file: that rank is measured again
-            results[int(data["summary"]["rank"])] = data
+                results[int(data["summary"]["rank"])] = data
+            except (TypeError, KeyError, ValueError):
+                continue  # a damaged file: that rank is measured again
     return results
 
 
@@ -434,24 +460,45 @@ def write_outputs(out: Path, cfg: SweepConfig, results: dict[int, dict], notes: 
 
 def recommend_from_sweep(sweep_dir: Path, metric: str, threshold: float):
     """Recommendation from a sweep's per_prompt.csv with any metric and threshold, no re-run."""
-    import pandas as pd
-
     from core.evaluation.recommend import recommend_rank
+    from core.evaluation.summary import read_per_prompt
 
-    path = Path(sweep_dir) / "per_prompt.csv"
-    if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep folder with results (no per_prompt.csv)")
-    per_prompt = pd.read_csv(path)
+    per_prompt = read_per_prompt(sweep_dir)
     if metric not in per_prompt.columns or per_prompt[metric].isna().all():
         raise UserError(f"sweep {sweep_dir} did not measure {metric}")
-    saved = (json.loads((Path(sweep_dir) / "config.json").read_text()).get("config") or {}
-             if (Path(sweep_dir) / "config.json").is_file() else {})
+    saved = (read_json_object(Path(sweep_dir) / "config.json") or {}).get("config")
+    saved = saved if isinstance(saved, dict) else {}
+
+    def setting(name: str, default: int) -> int:
+        value = saved.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
     try:
         # the sweep's own resamples and seed, so the same question gets the sweep's answer
-        return recommend_rank(per_prompt, metric, threshold, n_resamples=int(saved.get("n_bootstrap") or 2000),
-                              seed=int(saved.get("seed") or 0))
+        return recommend_rank(per_prompt, metric, threshold, n_resamples=max(1, setting("n_bootstrap", 2000)),
+                              seed=setting("seed", 0))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def load_sweep_config(out: Path) -> SweepConfig:
+    """The config a sweep folder was started with (for --resume), checked through."""
+    saved = Path(out) / "config.json"
+    try:
+        data = read_json(saved, "sweep config")
+    except FileNotFoundError:
+        raise UserError(f"{out} is not a sweep folder to resume (no config.json)") from None
+    except DamagedFile as exc:
+        raise UserError(f"{exc}; the sweep cannot be resumed, start a new one") from None
+    if isinstance(data, dict) and "train" in data:
+        raise UserError(f"{out} is a training run folder, not a sweep; continue a run with "
+                        f"`qdylora train --resume --out {out}`")
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise UserError(f"{saved} is not a sweep config")
+    try:
+        return SweepConfig.from_dict(data["config"] | {"out": str(out)})
+    except UserError as exc:
+        raise UserError(f"{saved} is damaged: {str(exc).removeprefix('invalid sweep config: ')}") from None
 
 
 # ------------------------------------------------------------------ the sweep
@@ -464,6 +511,11 @@ class Sweep:
         self.on_event = on_event or (lambda e: None)
         self.should_stop = should_stop or (lambda: False)
         self._log_handler = None
+        self.workers_note: str | None = None  # fewer sweep workers than asked for, and why
+        self.notes: list[str] = []
+        self.model_meta: dict | None = None
+        self.quality_path: str | None = None          # merged | unmerged, once decided
+        self.threads_meta: list[dict] | None = None  # the workers' thread policies (else this process's)
 
     def _emit(self, event: dict) -> None:
         event.setdefault("time", time.time())
@@ -472,19 +524,23 @@ class Sweep:
 
     def validate(self) -> None:
         """Every check that needs no model, before anything is written."""
+        self._check_folder()
+        self._read_inputs()
+
+    def _check_folder(self) -> None:
+        check_output_folder(self.cfg.out)  # the text as given: Path("") would read as "."
+        if self.resume:
+            self.cfg = load_sweep_config(self.out)
+            status = runstate.read_status(self.out)
+            if status and status.get("status") == "running":
+                raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
+        elif not runstate.folder_is_empty_or_missing(self.out):
+            raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
+
+    def _read_inputs(self) -> None:
         from core.data import load_eval_sets
         from core.runs import run_info
 
-        if self.resume:
-            saved = self.out / "config.json"
-            if not saved.is_file():
-                raise UserError(f"{self.out} is not a sweep folder to resume (no config.json)")
-            status = runstate.read_status(self.out)
-            if status and status["status"] == "running":
-                raise UserError(f"sweep {self.out} is still running (pid {status.get('pid')})")
-            self.cfg = SweepConfig.from_dict(json.loads(saved.read_text())["config"] | {"out": str(self.out)})
-        elif not runstate.folder_is_empty_or_missing(self.out):
-            raise UserError(f"output folder {self.out} already holds files; choose a new folder or use --resume")
         info = run_info(Path(self.cfg.run))
         if not info["has_adapter"]:
             raise UserError(f"run {self.cfg.run} has no saved adapter yet; wait for it to finish or resume it")
@@ -498,36 +554,59 @@ class Sweep:
             raise UserError(f"{self.cfg.prompts}: no evaluation prompts")
         self.skipped = list(eval_set.skipped) + [{"warning": w} for w in eval_set.warnings]
         self.run_status = info["status"]
+        self.run_config = info["config"]
 
     def setup(self) -> None:
-        from core.evaluation.metrics import SemanticSimilarity
-        from core.runs import load_run
+        self._open_folder()
+        self._load_models()
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._log_handler = runstate.attach_log(self.out, "sweep.log")
+    def _open_folder(self) -> None:
+        from core.evaluation.metrics import SemanticSimilarity
+
+        make_output_folder(self.out)
+        # The config comes first, so a sweep killed at any later moment can be resumed.
         runstate.write_json_atomic(self.out / "config.json", {"config": self.cfg.to_dict(), "created_at": time.time()})
+        self._log_handler = runstate.attach_log(self.out, "sweep.log")
         runstate.write_status(self.out, "running", phase="loading model", ranks=self.ranks)
-        self.notes: list[str] = []
+        self.notes = []
         if self.run_status and self.run_status.get("status") != "completed":
             self.notes.append(f"the run's status is {self.run_status.get('status')!r} at step {self.run_status.get('step')}: its latest adapter was evaluated")
         self.metrics = list(self.cfg.metrics)
         if "similarity" in self.metrics:
             ok, reason = SemanticSimilarity.availability()
-            if ok:
-                self.similarity = SemanticSimilarity()
-            else:
+            if not ok:
                 self.metrics.remove("similarity")
                 self.notes.append(reason)
+        self.results = read_rank_results(self.out) if self.resume else {}
+
+    def _load_models(self, quality_path: str | None = None) -> None:
+        """The run's model (and the similarity model), the model quality is computed on and the prompts
+        encoded once: what measuring a rank needs. A sweep worker is given the quality path its sweep chose."""
+        from core.evaluation.metrics import SemanticSimilarity
+        from core.runs import load_run
+
+        if "similarity" in self.metrics:
+            self.similarity = SemanticSimilarity()
         self.loaded = load_run(Path(self.cfg.run))
+        self.model_meta = self.loaded.resolved.to_dict()
         self.base_mb = self._base_bytes() / 2**20
-        self.quality_path, why = choose_quality_path(self.loaded, self.cfg.quality_path)
-        self.notes.append(why)
-        log.info(why)
+        if quality_path is None:
+            from core.models import dtype_from_name
+
+            dtype = dtype_from_name(self.loaded.resolved.compute_dtype)
+            quality_path = self._choose_quality_path(float_copy_bytes(self.loaded.model, dtype), self.loaded.device)
+        self.quality_path = quality_path
         self.merged = MergedModel(self.loaded) if self.cfg.latency or self.quality_path == "merged" else None
         self.chunks = self._prepare_chunks()
         self._reference_embeddings = None
         self.merged_timing: dict | None = None
-        self.results = read_rank_results(self.out) if self.resume else {}
+
+    def _choose_quality_path(self, copy_bytes: int | None, device: str, copies: int = 1) -> str:
+        """Resolve cfg.quality_path (auto: merged when `copies` float copies fit), noting why."""
+        quality_path, why = choose_quality_path(self.cfg.quality_path, copy_bytes, available_memory_bytes(device), copies)
+        self.notes.append(why)
+        log.info(why)
+        return quality_path
 
     def _prepare_chunks(self) -> list[PreparedChunk]:
         """Every batch of prompts encoded once: the same token ids serve every rank.
@@ -583,7 +662,7 @@ class Sweep:
             if timing is None:
                 return None
             timing["latency_s"] = time.time() - t0   # in ranks/rank_<b>.json, not a summary.csv column
-            self.latency_left -= 1
+            self.latency_left = max(0, self.latency_left - 1)
         model = self.merged.model if self.quality_path == "merged" else loaded.model
         rows = []
         for chunk in self.chunks:
@@ -624,8 +703,6 @@ class Sweep:
             self.merged_timing = measure_latency(self.merged.model, loaded.tokenizer, prompts, cfg.latency_new_tokens,
                                                  cfg.latency_repeats, suffix="_merged")
             self.merged_timing["merged_mb"] = model_footprint_bytes(self.merged.model) / 2**20
-            self.notes.append(f"merged latency measured once, at rank {self.merged.rank}: a merged model is the same "
-                              "computation at every rank")
             memory.sample()
         return timing | {k: v for k, v in self.merged_timing.items() if k != "latency_runs"}
 
@@ -659,16 +736,52 @@ class Sweep:
                     row["fact_recall"] = fact_recall(row["answer"], it.must_include)
         return rows
 
-    def run(self) -> SweepResult:
-        todo = [b for b in self.ranks if b not in self.results]
+    def todo(self) -> list[int]:
+        return [b for b in self.ranks if b not in self.results]
+
+    def _reset_counters(self, todo: list[int]) -> None:
+        """Progress and time-left counters for measuring `todo`."""
         self.total_units = len(self.ranks) * len(self.items)
         self.done_units = (len(self.ranks) - len(todo)) * len(self.items)
+        self.units_at_start = self.done_units
         self.prompt_rate, self.latency_rate = MovingRate(PROMPT_RATE_WINDOW), MovingRate(LATENCY_RATE_WINDOW)
         self.latency_left = len(todo) if self.cfg.latency else 0
-        run_meta = {"model": self.loaded.resolved.to_dict(), "r_max": self.r_max, "run_status": self.run_status,
-                    "quality_path": self.quality_path, "threads": threads.describe()}
+
+    def _begin(self, todo: list[int], **extra) -> tuple[int, int]:
+        """The start event; returns (units done before this start, units in all)."""
+        self._reset_counters(todo)
+        if self.workers_note:
+            extra["workers_note"] = self.workers_note
+            log.info(self.workers_note)
         self._emit({"event": "start", "ranks": self.ranks, "todo": todo, "prompts": len(self.items),
-                    "total_units": self.total_units, "done_units": self.done_units, "notes": self.notes})
+                    "total_units": self.total_units, "done_units": self.done_units, "notes": self.notes, **extra})
+        return self.done_units, self.total_units
+
+    def _rank_finished(self, rank: int, result: dict) -> None:
+        (self.out / RANKS_DIR).mkdir(exist_ok=True)
+        runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
+        self.results[rank] = result
+        # The tables after every rank: Compare & choose shows the ranks measured so far.
+        self._write_outputs()
+        self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
+        log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
+
+    def _write_outputs(self) -> dict | None:
+        notes = self.notes + ([MERGED_LATENCY_NOTE] if self.cfg.latency and self.results else [])
+        return write_outputs(self.out, self.cfg, self.results, notes, self.skipped, self._run_meta())
+
+    def _run_meta(self) -> dict:
+        """What the numbers were measured with (model, quality path, threads; workers when several shared the machine)."""
+        run_meta = {"model": self.model_meta, "r_max": self.r_max, "run_status": self.run_status,
+                    "quality_path": self.quality_path, "threads": self.threads_meta or threads.describe()}
+        workers = max((int(r.get("workers", 1)) for r in self.results.values()), default=1)
+        if workers > 1:  # speed was measured with workers sharing the machine: a condition of the numbers
+            run_meta["workers"] = workers
+        return run_meta
+
+    def run(self) -> SweepResult:
+        todo = self.todo()
+        self._begin(todo)
         status = "completed"
         for rank in todo:
             runstate.write_status(self.out, "running", phase=f"rank {rank}", ranks=self.ranks, ranks_done=sorted(self.results))
@@ -677,14 +790,12 @@ class Sweep:
             if result is None:
                 status = "cancelled"
                 break
-            (self.out / RANKS_DIR).mkdir(exist_ok=True)
-            runstate.write_json_atomic(self.out / RANKS_DIR / f"rank_{rank}.json", result)
-            self.results[rank] = result
-            # The tables after every rank: Compare & choose shows the ranks measured so far.
-            write_outputs(self.out, self.cfg, self.results, self.notes, self.skipped, run_meta)
-            self._emit({"event": "rank_done", "rank": rank, "summary": result["summary"]})
-            log.info("rank %d done in %.1f s", rank, result["summary"]["eval_s"])
-        recommendation = write_outputs(self.out, self.cfg, self.results, self.notes, self.skipped, run_meta)
+            self._rank_finished(rank, result)
+        return self.finish(status)
+
+    def finish(self, status: str) -> SweepResult:
+        """Tables, decision and status from every finished rank (this start's and earlier ones')."""
+        recommendation = self._write_outputs()
         runstate.write_status(self.out, status, ranks=self.ranks, ranks_done=sorted(self.results))
         self._emit({"event": "end", "status": status, "ranks_done": sorted(self.results)})
         if status == "completed" and recommendation and recommendation.get("rank") is not None:
@@ -702,10 +813,18 @@ class Sweep:
         runstate.detach_log(self._log_handler)
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: bool = False, on_event: Callable | None = None, should_stop: Callable | None = None,
+              workers: int = 1) -> SweepResult:
+    """Measure the ranks; with `workers` > 1, worker processes measure different ranks at once
+    (see core.evaluation.sharded) and the files written are the same."""
+    from core.evaluation import sharded
+
     sweep = Sweep(cfg, resume, on_event, should_stop)
     sweep.validate()  # raises before anything is written
+    workers, sweep.workers_note = sharded.check_workers(workers, sweep)  # bad input raises here too
     try:
+        if workers > 1:
+            return sharded.run_sharded(sweep, workers)
         sweep.setup()
         return sweep.run()
     except BaseException as exc:

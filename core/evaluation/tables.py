@@ -176,3 +176,17 @@ def example_answers(per_prompt: pd.DataFrame, ranks: list[int], facts: dict[str,
         out.append({"id": pid, "prompt": str(first["prompt"]), "reference": str(first["reference"]),
                     "facts": facts.get(pid, []), "answers": answers})
     return out
+
+
+def by_set_table(by_set: pd.DataFrame | None, metric: str) -> pd.DataFrame | None:
+    """One row per named evaluation set, one column per rank: the metric with its 95 % range, in words.
+    None when the sweep has no named sets or did not measure the metric."""
+    if by_set is None or by_set.empty or metric not in by_set.columns or by_set[metric].isna().all():
+        return None
+    ranks = sorted(int(r) for r in by_set["rank"].unique())
+    rows = []
+    for name, group in by_set.groupby("set", sort=False):
+        cells = {int(r["rank"]): w.metric_with_range(metric, r[metric], r.get(f"{metric}_lo"), r.get(f"{metric}_hi"))
+                 for _, r in group.iterrows()}
+        rows.append({"Evaluation set": name} | {w.rank_label(b): cells.get(b, "—") for b in ranks})
+    return pd.DataFrame(rows)

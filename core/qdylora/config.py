@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from core.config_io import ConfigDict
+from core.validation import number_problem
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
@@ -15,6 +16,8 @@ METHOD_CHOICES = ("qdylora", "svd")
 LEGACY_SCALE = "alpha/b"
 # An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
 INFERENCE_SCALE_OF_SVD = "constant"
+# The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
+METHOD_SCALE = {"qdylora": "alpha/b", "svd": "alpha/b"}
 
 
 @dataclass
@@ -35,9 +38,9 @@ class QDyLoRAConfig(ConfigDict):
         default="full",
         metadata={"help": "full: rows 1..b of A and columns of B all learn (QDyLoRA); frozen: only row/column b learns (DyLoRA's nested-dropout default)."},
     )
-    scale: str = field(
-        default="alpha/b",
-        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum)."},
+    scale: str | None = field(
+        default=None,
+        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum); None = the method's measured best (METHOD_SCALE)."},
     )
     ranks_per_step: int = field(
         default=1,
@@ -57,6 +60,8 @@ class QDyLoRAConfig(ConfigDict):
     )
 
     def __post_init__(self):
+        if self.scale is None:
+            self.scale = METHOD_SCALE.get(self.method)
         if self.method == "svd":
             # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
             self.rank_sampling, self.rank_list, self.ranks_per_step, self.extra_ranks, self.distill = (
@@ -64,10 +69,8 @@ class QDyLoRAConfig(ConfigDict):
         problems = []
         if isinstance(self.r_max, bool) or not isinstance(self.r_max, int) or self.r_max < 1:
             problems.append(f"r_max must be a positive integer, got {self.r_max!r}")
-        if not _finite_number(self.alpha) or not self.alpha > 0:
-            problems.append(f"alpha must be a finite number > 0, got {self.alpha!r}")
-        if not _finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True),
+                                  number_problem("dropout", self.dropout, lo=0, hi=1, hi_open=True)])
         for name, value, choices in (("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("update", self.update, UPDATE_CHOICES),
                                      ("scale", self.scale, SCALE_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES),
                                      ("method", self.method, METHOD_CHOICES)):
@@ -82,8 +85,9 @@ class QDyLoRAConfig(ConfigDict):
             problems.append("target_modules must be None (all linear layers) or a non-empty list")
         if isinstance(self.ranks_per_step, bool) or not isinstance(self.ranks_per_step, int) or self.ranks_per_step < 1:
             problems.append(f"ranks_per_step must be a positive integer, got {self.ranks_per_step!r}")
-        if not _finite_number(self.distill) or not 0.0 <= self.distill <= 1.0:
-            problems.append(f"distill must be in [0, 1], got {self.distill!r}")
+        distill_problem = number_problem("distill", self.distill, lo=0, hi=1)
+        if distill_problem:
+            problems.append(distill_problem)
         elif self.distill > 0 and self.extra_ranks == "none":
             problems.append("distill needs extra_ranks 'max' or 'min_max' (the r_max pass is the teacher)")
         if self.update == "frozen" and (self.ranks_per_step != 1 or self.extra_ranks != "none"):
@@ -93,7 +97,7 @@ class QDyLoRAConfig(ConfigDict):
 
     @classmethod
     def from_dict(cls, data: dict) -> "QDyLoRAConfig":
-        return super().from_dict({"scale": LEGACY_SCALE} | data)
+        return super().from_dict({"scale": LEGACY_SCALE} | data if isinstance(data, dict) else data)
 
     def scale_at(self, rank: int) -> float:
         return lora_scale(self.alpha, rank, self.scale, self.r_max)
@@ -104,10 +108,6 @@ def inference_config(cfg: QDyLoRAConfig) -> QDyLoRAConfig:
     if cfg.method == "svd":
         return replace(cfg, scale=INFERENCE_SCALE_OF_SVD)
     return cfg
-
-
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lora_scale(alpha: float, rank: int, rule: str = "alpha/b", r_max: int | None = None) -> float:
