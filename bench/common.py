@@ -8,6 +8,8 @@ Llama-shaped model folder for the memory benchmark.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -17,18 +19,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from core import threads  # noqa: E402
+
+# Every benchmark is a job: passive OpenMP waits, one thread per core, adjusted to a busy machine
+# (core/threads.py; RANK_STUDIO_THREADS=off measures the libraries' own defaults). Before torch starts.
+THREAD_POLICY = threads.configure_job()
+
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -83,7 +89,8 @@ def machine_info() -> dict:
         "device": device(),
         "loadavg": loadavg(),
         "platform": platform.platform(),
-        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_"))},
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_", "RANK_STUDIO_THREADS"))},
+        "thread_policy": threads.describe(),
     }
     for pkg in ("peft", "bitsandbytes"):
         try:

@@ -123,6 +123,7 @@ def child(spec: dict) -> dict:
         "cuda_peak_load_bytes": cuda_load_peak,
         "cuda_peak_train_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "load_s": load_s, "train_s": train_s, "loadavg": common.loadavg(),
+        "execution": trainer.execution(),   # fused loss, packing, 16-bit embeddings/head (issue 12)
     }
 
 

@@ -296,6 +296,37 @@ def demo_run(name: str) -> None:
     _save(fig, name)
 
 
+def under_load(name: str) -> None:
+    """Slowdown beside 1 and 2 busy processes per thread policy, training step and sweep, with the 2x target."""
+    data = _load(name)
+    if not data:
+        return
+    policies = list(data["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    colors = {"1": "#fdae6b", "2": "#e6550d"}
+    for ax, job in zip(axes, ("train", "sweep")):
+        for j, k in enumerate(("1", "2")):
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(policies))]
+            rows = [data["results"][p]["summary"][job]["slowdown"][k] for p in policies]
+            vals = [r["median"] for r in rows]
+            lo = [min(r["ci95"][0], r["median"]) if r["ci95"][0] == r["ci95"][0] else r["median"] for r in rows]
+            hi = [max(r["ci95"][1], r["median"]) if r["ci95"][1] == r["ci95"][1] else r["median"] for r in rows]
+            ax.bar(xs, vals, 0.38, color=colors[k], yerr=_err(vals, lo, hi), capsize=3,
+                   label=f"beside {k} busy process{'es' if k == '2' else ''}")
+            for x, v in zip(xs, vals):
+                ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(2.0, color="k", ls=":", label="target: 2x (beside 1)")
+        ax.axhline(1.0, color=C_BASE, lw=0.8)
+        idle = [data["results"][p]["summary"][job]["seconds"]["0"]["median"] for p in policies]
+        ax.set_xticks(range(len(policies)), [f"{p}\nidle {t:.1f}s" for p, t in zip(policies, idle)])
+        ax.set_title({"train": "training step", "sweep": "small sweep"}[job] + ": time / idle time (median of rounds)", fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("slowdown")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _footer(fig, data)
+    _save(fig, name)
+
+
 def scale(name: str) -> None:
     data = _load(name)
     if not data:
@@ -324,7 +355,8 @@ def scale(name: str) -> None:
 
 
 PLOTS = {"scale": scale, "rank_search": rank_search, "step_time": step_time, "memory": memory, "sweep_cost": sweep_cost,
-         "roofline": roofline, "demo_run": demo_run, "rank_search_variants": rank_search_variants}
+         "roofline": roofline, "demo_run": demo_run, "rank_search_variants": rank_search_variants,
+         "under_load": under_load}
 
 
 def main(argv: list[str] | None = None) -> None:

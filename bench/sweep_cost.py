@@ -18,13 +18,23 @@ or an existing run folder given with --run):
     (core.evaluation.sweep.MergedModel at rank b, a float base copy) and the plain base
     (MergedModel at rank 0 = W0 with nothing added), measured next to each other in
     rounds (target: merged within 5 % of base).
+(d) The whole search (issue 12): the 40-step run that this script trains (its wall time from
+    start to saved adapter, or --run and its recorded time) and one 5-rank sweep of it as
+    the dashboard runs it (ranks 1,2,4,8,16; 40 prompts x 64-token answers; reference NLL,
+    ROUGE-L, fact recall, similarity; latency on with the defaults), timed end to end,
+    load included. Five dedicated QLoRA runs cost five such trainings (bench/README.md §1:
+    a QDyLoRA step costs a PEFT LoRA step) and five single-rank evaluations, each with its
+    own load. Targets: the sweep under 5 minutes; the search (training + evaluating each
+    rank once) at least 4x cheaper than the five QLoRA runs evaluated once each; both
+    with and without the latency phases (which a QLoRA comparison may leave out).
 
-    .venv/bin/python bench/sweep_cost.py [--quick] [--run RUN_DIR]
+    .venv/bin/python bench/sweep_cost.py [--quick] [--run RUN_DIR] [--skip-search]
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import shutil
 import sys
@@ -41,6 +51,9 @@ from core.runs import generate, load_run  # noqa: E402
 TARGET_SWITCH_MS = 10.0
 TARGET_SWEEP_RATIO = 1.1
 TARGET_MERGED = 0.05
+TARGET_SWEEP_S = 300.0
+TARGET_SEARCH = 4.0
+TRAIN_INFO = "bench_train.json"   # wall time of the training this script did, next to the run
 
 
 def ensure_run(run: str | None, quick: bool) -> Path:
@@ -48,16 +61,57 @@ def ensure_run(run: str | None, quick: bool) -> Path:
 
     if run:
         return Path(run)
-    out = common.TMP / ("sweep_cost_run_quick" if quick else "sweep_cost_run")
-    if (out / "adapter" / "adapter.safetensors").is_file() and (out / "status.json").is_file():
+    out = common.TMP / ("sweep_cost_run_quick" if quick else "sweep_cost_run_40")
+    if (out / "adapter" / "adapter.safetensors").is_file() and (out / TRAIN_INFO).is_file():
         common.log(f"reusing {out}")
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), r_max=16, steps=2 if quick else 10,
+    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), r_max=16, steps=2 if quick else 40,
                       batch_size=4, max_length=128 if quick else 256, seed=42)
     common.log(f"training {out} ({cfg.steps} steps)")
+    t0 = time.perf_counter()
     train(cfg)
+    (out / TRAIN_INFO).write_text(json.dumps({"train_s": time.perf_counter() - t0, "steps": cfg.steps,
+                                              "loadavg_end": common.loadavg()}))
     return out
+
+
+def part_search(run: Path, ranks: list[int], n_prompts: int, new_tokens: int, quick: bool = False) -> dict:
+    """(d) One sweep as the dashboard runs it, end to end, against the run's training time."""
+    info_path = run / TRAIN_INFO
+    train_s = json.loads(info_path.read_text())["train_s"] if info_path.is_file() else None
+    out = common.TMP / "sweep_cost_search"
+    shutil.rmtree(out, ignore_errors=True)
+    smoke = dict(latency_prompts=1, latency_repeats=1, latency_new_tokens=4) if quick else {}  # else the dashboard's defaults
+    cfg = SweepConfig(run=str(run), prompts=str(common.EVAL_FILE), out=str(out), ranks=ranks, max_prompts=n_prompts,
+                      max_new_tokens=new_tokens, **smoke)
+    sweep = Sweep(cfg, resume=False)
+    t0 = time.perf_counter()
+    sweep.validate()
+    sweep.setup()
+    t1 = time.perf_counter()
+    result = sweep.run()
+    t2 = time.perf_counter()
+    sweep.cleanup()
+    assert result.status == "completed", result.message
+    summaries = [sweep.results[b]["summary"] for b in ranks]
+    latency_s = [s.get("latency_s", 0.0) for s in summaries]
+    load_s, total_s = t1 - t0, t2 - t0
+    per_rank = [s["eval_s"] for s in summaries]
+    quality = [e - lat for e, lat in zip(per_rank, latency_s)]
+    out_rows = {"ranks": ranks, "prompts": n_prompts, "new_tokens": new_tokens, "sweep_total_s": total_s, "load_s": load_s,
+                "per_rank_eval_s": per_rank, "per_rank_latency_s": latency_s, "quality_path": sweep.quality_path,
+                "train_s": train_s, "threads": common.threads.describe()}
+    if train_s:
+        k = len(ranks)
+        for name, evals in (("with_latency", per_rank), ("quality_only", quality)):
+            ours = train_s + load_s + sum(evals)
+            theirs = k * train_s + k * load_s + sum(evals)      # each dedicated run is loaded and evaluated at its rank
+            out_rows[f"search_ratio_{name}"] = theirs / ours
+    del sweep
+    gc.collect()
+    shutil.rmtree(out, ignore_errors=True)
+    return out_rows
 
 
 def single_rank_eval(loaded, items, rank: int, cfg: SweepConfig, metrics: list[str], similarity) -> dict:
@@ -206,14 +260,20 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length in the sweep part (SweepConfig.max_new_tokens)")
     p.add_argument("--latency-prompts", type=int, default=1)
     p.add_argument("--latency-tokens", type=int, default=8)
+    p.add_argument("--skip-search", action="store_true", help="leave out part (d)")
+    p.add_argument("--search-ranks", default="1,2,4,8,16")
+    p.add_argument("--search-prompts", type=int, default=40)
+    p.add_argument("--search-tokens", type=int, default=64)
     args = p.parse_args()
     info = common.machine_info()
     print(info)
     ranks = [int(x) for x in args.ranks.split(",")]
     n_prompts, rounds, lat_rounds, switches = args.prompts, args.rounds, args.latency_rounds, 2000
+    search_ranks = [int(x) for x in args.search_ranks.split(",")]
     if args.quick:
         n_prompts, rounds, lat_rounds, switches = 2, 1, 1, 200
         args.max_new_tokens, args.latency_tokens = 8, 4
+        search_ranks, args.search_prompts, args.search_tokens = [1, 4], 2, 8
     run = ensure_run(args.run, args.quick)
     with common.Timer() as t_load:
         loaded = load_run(run)
@@ -230,6 +290,16 @@ def main() -> None:
         print(f"(c) rank {b:>2}: ms/token unmerged {row['unmerged_ms_per_token']:.1f}, merged {row['merged_ms_per_token']:.1f}, "
               f"base {row['base_ms_per_token']:.1f}; merged/base {row['ratio_merged_base']['median']:.3f}, "
               f"unmerged/merged {row['ratio_unmerged_merged']['median']:.3f}")
+    search = None
+    if not args.skip_search:
+        del loaded
+        gc.collect()
+        search = part_search(run, search_ranks, args.search_prompts, args.search_tokens, args.quick)
+        print(f"(d) {len(search_ranks)}-rank sweep of {args.search_prompts} prompts x {args.search_tokens} tokens: "
+              f"{search['sweep_total_s']:.0f}s end to end (target < {TARGET_SWEEP_S:.0f}s; quality on the {search['quality_path']} "
+              f"copy); training {search['train_s'] or float('nan'):.0f}s; search ratio "
+              f"{search.get('search_ratio_with_latency', float('nan')):.2f} with latency, "
+              f"{search.get('search_ratio_quality_only', float('nan')):.2f} quality only (target >= {TARGET_SEARCH})")
     worst_merged = max(abs(row["ratio_merged_base"]["median"] - 1) for b, row in latency["per_rank"].items() if b > 0)
     targets = {
         f"set_rank_median_ms_lt_{TARGET_SWITCH_MS}": {"value": switch["ms"]["median"], "met": switch["ms"]["median"] < TARGET_SWITCH_MS},
@@ -237,9 +307,16 @@ def main() -> None:
         f"sweep_rank_loop_ratio_le_{TARGET_SWEEP_RATIO}": {"value": sweep["ratio_loop"]["median"], "met": sweep["ratio_loop"]["median"] <= TARGET_SWEEP_RATIO},
         "merged_within_5pct_of_base_all_ranks": {"value": worst_merged, "met": worst_merged <= TARGET_MERGED},
     }
+    if search:
+        targets[f"five_rank_sweep_under_{TARGET_SWEEP_S:.0f}s"] = {"value": search["sweep_total_s"],
+                                                                   "met": search["sweep_total_s"] < TARGET_SWEEP_S}
+        for name in ("with_latency", "quality_only"):
+            value = search.get(f"search_ratio_{name}")
+            if value is not None:
+                targets[f"search_ratio_{name}_ge_{TARGET_SEARCH}"] = {"value": value, "met": value >= TARGET_SEARCH}
     common.write_result(common.result_name("sweep_cost", args.quick), {
         "config": vars(args) | {"run": str(run)}, "load_run_s": t_load.s, "switch": switch, "sweep": sweep,
-        "latency": latency, "targets": targets}, info)
+        "latency": latency, "search": search, "targets": targets}, info)
 
 
 if __name__ == "__main__":

@@ -147,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated quality metrics: ref_nll, rouge_l, fact_recall, similarity")
     s.add_argument("--latency", default="on", choices=["on", "off"], help="measure latency (unmerged and merged)")
     s.add_argument("--latency-repeats", type=int, default=3)
+    s.add_argument("--quality-path", default="auto", choices=["auto", "merged", "unmerged"],
+                   help="quality metrics on each rank merged into a float copy of the base (faster, same answers), "
+                        "on the adapter over the loaded base, or auto (merged when the copy fits in memory)")
     s.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=32, help="most prompts per batch (prompts of similar length go together)")
     s.add_argument("--recommend-metric", default=None,
                    help="metric the recommendation uses, one of --metrics (default: ref_nll when measured, "
                         "else the first of rouge_l, fact_recall, similarity that is)")
@@ -360,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    from core import threads
+
+    # Before torch is imported: its OpenMP runtime reads the policy when it starts (core/threads.py).
+    threads.configure_job()
     sys.exit(main())
 
 

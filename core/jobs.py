@@ -362,7 +362,9 @@ class JobStore:
         return row
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        from core.threads import job_env
+
+        env = job_env()  # threads and OpenMP waits for a fair share of a busy machine (core/threads.py)
         root = str(PROJECT_ROOT)
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in paths:

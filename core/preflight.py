@@ -46,24 +46,31 @@ def make_output_folder(path: Path) -> None:
         raise UserError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
 
 
-def check_target_modules(model_path: str, target_modules: list[str] | None) -> None:
-    """UserError when a name in `target_modules` matches no linear layer of the model.
-
-    Reads only the model's config and builds an empty skeleton on the meta device (no
-    weights, a second or two). An architecture that cannot be built that way is left to
-    the real load, which reports its own error."""
-    if not target_modules:
-        return
+def model_skeleton(model_path: str):
+    """The model built from its config alone on the meta device (shapes, no weights, a second or
+    two; tied weights tied), or None for an architecture that cannot be built that way."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from core.qdylora.inject import find_target_modules
 
     try:
         config = AutoConfig.from_pretrained(model_path)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, ImportError, TypeError):
+        return None
+
+
+def check_target_modules(model_path: str, target_modules: list[str] | None) -> None:
+    """UserError when a name in `target_modules` matches no linear layer of the model.
+
+    Looks at the model's skeleton (`model_skeleton`). An architecture that cannot be built
+    that way is left to the real load, which reports its own error."""
+    if not target_modules:
+        return
+    from core.qdylora.inject import find_target_modules
+
+    skeleton = model_skeleton(model_path)
+    if skeleton is None:
         return
     leaves = sorted({name.rsplit(".", 1)[-1] for name in find_target_modules(skeleton, None)})
     unknown = [name for name in target_modules if name not in leaves]

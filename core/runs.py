@@ -82,6 +82,12 @@ def encode_prompts(tokenizer, prompts: list, device: str) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def prompt_lengths(tokenizer, prompts: list) -> list[int]:
+    """Tokens of each chat-formatted prompt (to batch prompts of similar length together)."""
+    texts = [render_prompt(tokenizer, p if isinstance(p, list) else prompt_messages(p)) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, batch_size: int = 8,
@@ -89,22 +95,36 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, do_samp
     """Completions (text after the prompt) for prompts given as strings or message lists."""
     check_generation(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
-    model.eval()
     outputs = []
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "do_sample": do_sample}
-        if min_new_tokens:
-            kwargs["min_new_tokens"] = min_new_tokens
-        if do_sample:
-            torch.manual_seed(seed)
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = model.generate(**batch, **kwargs)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        outputs += generate_encoded(model, tokenizer, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_p=top_p, seed=seed, min_new_tokens=min_new_tokens)
     return outputs
+
+
+@torch.no_grad()
+def generate_encoded(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int = 128, do_sample: bool = False,
+                     temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_new_tokens: int | None = None,
+                     cache=None) -> list[str]:
+    """Completions for one batch already made by `encode_prompts` (a sweep encodes its prompts once for every rank).
+
+    `cache`: a key/value cache that already holds all but the last prompt token (core.evaluation.shared_prompt).
+    """
+    model.eval()
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "do_sample": do_sample}
+    if cache is not None:
+        kwargs["cache"] = cache
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    if do_sample:
+        torch.manual_seed(seed)
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**batch, **kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def generate_at_rank(loaded: LoadedRun, prompts: list, rank: int, **kwargs) -> list[str]:

@@ -18,10 +18,14 @@ from typing import Callable
 
 import torch
 
-from core import distributed, runstate
+from core import distributed, runstate, threads
 from core.errors import RunError, TrainingDiverged, UserError
+from core.eta import MovingRate
 from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
+from core.lm_loss import LossOutput, causal_lm_loss, fused_head_supported, model_loss
+from core.lowmem import release_freed_memory, store_frozen_embeddings_16bit
 from core.models import ResolvedModel, load_base_model, pick_device, resolve_model
+from core.packing import pack
 from core.preflight import check_output_folder, check_target_modules, make_output_folder
 from core.prompting import EncodedExample, collate, encode_example
 from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
@@ -32,6 +36,10 @@ from core.train_config import CONFIG_FILE, TrainConfig, load_run_config  # noqa:
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
+ETA_WINDOW_STEPS = 10   # the time-left estimate follows the last 10 steps (core.eta)
+# A faster way of computing the loss is used only if it gives the plain model's loss on the run's own data
+# (relative; 16-bit compute rounds each logit to ~0.4 %, so it gets a wider margin).
+SAME_LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 log = logging.getLogger("rank_studio.train")
 
 
@@ -88,8 +96,13 @@ def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher ‖ student) over the tokens the loss is on (the response), as in in-place distillation."""
     mask = labels[:, 1:] != -100
-    student = torch.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
-    teacher = torch.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    return distillation_kl(student_logits[:, :-1][mask], teacher_logits[:, :-1][mask])
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over rows of logits that are already the labelled positions."""
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
@@ -300,6 +313,8 @@ class Trainer:
             data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         torch.manual_seed(self.cfg.seed)
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
+        # With a 4-bit base the float embeddings/head are most of the weights; 16 bits hold them exactly (core.lowmem).
+        self.narrowed = store_frozen_embeddings_16bit(self.model) if self.resolved.quant != "none" else {}
         self.qcfg = self.cfg.qdylora_config()
         self.adapted = inject_qdylora(self.model, self.qcfg)
         if warm_start:
@@ -316,6 +331,11 @@ class Trainer:
         if self.dist.is_main:
             runstate.write_json_atomic(self.run_dir / "data_report.json", report)
         self.order = BatchOrder(len(self.examples), self.cfg.batch_size, self.cfg.seed)
+        fused, packed = self._choose_loss_path()
+        # Processes must compute alike: each checked the same probe, and one refusal (rounding) decides for all.
+        self.fused_loss = not self.dist.any(not fused, self.resolved.device)
+        self.packed = not self.dist.any(not packed, self.resolved.device)
+        release_freed_memory()  # what loading and quantizing left on the heap
         self.params = adapter_parameters(self.model)
         self.optimizer = make_optimizer(self.cfg, self.params)
         warmup = int(round(self.cfg.warmup_ratio * self.cfg.steps))
@@ -335,7 +355,7 @@ class Trainer:
             if self.resume:
                 log.info("no checkpoint was saved before the run stopped: starting again from step 0")
             if self.dist.is_main:
-                self._write_config(self.resolved, adapted_modules=self.adapted)
+                self._write_config(self.resolved, adapted_modules=self.adapted, execution=self.execution())
         self.data_report = report
 
     def _write_config(self, resolved: ResolvedModel, **extra) -> None:
@@ -343,6 +363,42 @@ class Trainer:
             "train": self.cfg.to_dict(), "qdylora": self.cfg.qdylora_config().to_dict(), "model": resolved.to_dict(),
             **extra, "versions": _versions(), "created_at": time.time(),
         })
+
+    def execution(self) -> dict:
+        """How this process computes the run (none of it changes the results beyond float rounding)."""
+        return {"loss": "fused head + cross-entropy on answer tokens" if self.fused_loss else "model loss",
+                "batching": "packed" if self.packed else "padded", "embeddings_16bit": self.narrowed,
+                "threads": threads.describe(), "processes": self.dist.world}
+
+    def _choose_loss_path(self) -> tuple[bool, bool]:
+        """(fused loss, packed rows): each used only if it gives model(**padded batch).loss on this run's model and data."""
+        fused = fused_head_supported(self.model)
+        want_packing = self.cfg.batching == "packed"
+        if not (fused or want_packing):
+            return False, False
+        # The longest example and the two shortest: the short ones share a row when they fit, so the check sees packing.
+        by_length = sorted(range(len(self.examples)), key=lambda i: len(self.examples[i].input_ids))
+        probe = [self.examples[i] for i in dict.fromkeys([by_length[-1], *by_length[:2]])]
+        padded = self._to_device(collate(probe, self.tokenizer.pad_token_id))
+        packed = self._to_device(pack(probe, self.tokenizer.pad_token_id).tensors)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                reference = float(self.model(**padded).loss)
+                fused = fused and self._same_loss(reference, causal_lm_loss(self.model, padded).loss, "the fused loss")
+                loss_of = causal_lm_loss if fused else model_loss
+                want_packing = want_packing and self._same_loss(reference, loss_of(self.model, packed).loss, "packed rows")
+        finally:
+            self.model.train(was_training)
+        return fused, want_packing
+
+    def _same_loss(self, reference: float, value: torch.Tensor, what: str) -> bool:
+        tolerance = SAME_LOSS_TOLERANCE.get(self.resolved.compute_dtype, 1e-2)
+        same = abs(float(value) - reference) <= tolerance * max(1.0, abs(reference))
+        if not same:
+            log.warning("%s gave loss %.6f instead of %.6f on this model; using the plain computation", what, float(value), reference)
+        return same
 
     def _emit(self, event: dict) -> None:
         if not self.dist.is_main:
@@ -352,10 +408,28 @@ class Trainer:
         self.on_event(event)
 
     # --- the loop ---
-    def _micro_batch(self, k: int) -> dict[str, torch.Tensor]:
-        batch = collate([self.examples[i] for i in self.dist.shard(self.order.indices(k))], self.tokenizer.pad_token_id)
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.resolved.device
         return {key: value.to(device) for key, value in batch.items()}
+
+    def _micro_examples(self, k: int) -> list[EncodedExample]:
+        """This process's share of micro-batch k (all of it when training alone)."""
+        return [self.examples[i] for i in self.dist.shard(self.order.indices(k))]
+
+    def _layout(self, examples: list[EncodedExample], ranks: list[int] | None = None) -> tuple[dict, list[int] | None]:
+        """(tensors for the model, the rank of each row or None) of one micro-batch (or this process's share)."""
+        ranks = ranks if ranks is not None and len(set(ranks)) > 1 else None
+        if self.packed:
+            packed = pack(examples, self.tokenizer.pad_token_id, ranks)
+            return self._to_device(packed.tensors), packed.row_ranks
+        return self._to_device(collate(examples, self.tokenizer.pad_token_id)), ranks
+
+    def _micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Micro-batch k as the model takes it (packed or padded, as this run computes)."""
+        return self._layout(self._micro_examples(k))[0]
+
+    def _loss(self, batch: dict[str, torch.Tensor], with_logits: bool = False) -> LossOutput:
+        return (causal_lm_loss if self.fused_loss else model_loss)(self.model, batch, with_logits=with_logits)
 
     def step_ranks(self, sampled: list[int]) -> list[list[int]]:
         """Per micro-batch, the rank of each of its examples: the step's examples split into len(sampled) groups."""
@@ -365,7 +439,10 @@ class Trainer:
 
     def _loss_share(self, k: int) -> float:
         """This process's share of micro-batch k's label tokens: weighting its token-mean loss by it makes
-        the gradients summed over processes the gradient of the whole micro-batch's token mean (1 alone)."""
+        the gradients summed over processes the gradient of the whole micro-batch's token mean (1 alone).
+
+        An example's loss tokens are its labels after the first, padded or packed alike (packing
+        ignores each example's first label, which nothing predicts in a padded row either)."""
         if not self.dist.active:
             return 1.0
         everyone = self.order.indices(k)
@@ -388,27 +465,29 @@ class Trainer:
         if self.dist.active:
             torch.manual_seed(self.dist.dropout_seed(self.cfg.seed, self.step))
         total_loss, tokens = 0.0, 0
+        distill = self.qcfg.distill > 0
         for micro, micro_ranks in enumerate(self.step_ranks(sampled)):
             k = self.step * self.cfg.grad_accum + micro
-            batch = self._micro_batch(k)
+            ranks_here = self.dist.shard(micro_ranks)  # the ranks of this process's examples
+            batch, row_ranks = self._layout(self._micro_examples(k), ranks_here)
             share = self._loss_share(k)
             teacher = None
             for i, extra_rank in enumerate(extra):
                 set_rank(self.model, extra_rank)
-                out = self.model(**batch)
+                out = self._loss(batch, with_logits=distill and i == 0)
                 (out.loss * share / (self.cfg.grad_accum * passes)).backward()
-                if i == 0 and self.qcfg.distill > 0:
+                if i == 0 and distill:
                     teacher = out.logits.detach()
                 del out
-            self._set_ranks(self.dist.shard(micro_ranks))
-            out = self.model(**batch)
+            self._set_ranks(row_ranks if row_ranks is not None else ranks_here[:1])
+            out = self._loss(batch, with_logits=teacher is not None)
             loss = out.loss
             if teacher is not None:
                 w = self.qcfg.distill
-                loss = (1 - w) * loss + w * distillation_loss(out.logits, teacher, batch["labels"])
+                loss = (1 - w) * loss + w * distillation_kl(out.logits, teacher)
             (loss * share / (self.cfg.grad_accum * passes)).backward()
             total_loss += out.loss.item() * share / self.cfg.grad_accum
-            tokens += sum(len(self.examples[i].input_ids) for i in self.order.indices(k))
+            tokens += sum(len(self.examples[i].input_ids) for i in self.order.indices(k))  # the whole micro-batch's
             del out, teacher
         self.dist.sum_gradients(self.params)
         total_loss = self.dist.sum_float(total_loss, self.resolved.device)
@@ -431,12 +510,14 @@ class Trainer:
             "processes": self.dist.world, "backend": self.dist.backend,
         })
         self._write_status("running", phase="training")
-        started, first_step = time.time(), self.step
+        started = last = time.time()
+        rate = MovingRate(ETA_WINDOW_STEPS)
         status = "completed"
         while self.step < cfg.steps:
             if self.dist.any(self.should_stop(), self.resolved.device):
                 status = "cancelled"
                 break
+            threads.adjust()
             t0 = time.time()
             ranks = self.sampler.sample_step(self.qcfg.ranks_per_step)
             self.dist.check_same_ranks(ranks, self.resolved.device)
@@ -447,12 +528,14 @@ class Trainer:
             for rank in ranks:
                 self.histogram[str(rank)] = self.histogram.get(str(rank), 0) + 1
             self.losses.append(loss)
-            elapsed = time.time() - started
-            per_step = elapsed / (self.step - first_step)
+            now = time.time()
+            rate.add(1, now - last)  # step to step: the checkpoint written after a step counts too
+            last = now
+            elapsed = now - started
             event = {
                 "event": "step", "step": self.step, "total_steps": cfg.steps, "loss": loss, "rank": max(ranks), "ranks": ranks,
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
-                "elapsed_s": elapsed, "eta_s": per_step * (cfg.steps - self.step),
+                "elapsed_s": elapsed, "eta_s": rate.eta(cfg.steps - self.step),
                 "mem_mb": runstate.memory_mb(self.resolved.device),
             }
             self._emit(event)

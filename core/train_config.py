@@ -18,6 +18,8 @@ from core.validation import number_problem
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "paged_adamw")
+BATCHING = ("packed", "padded")
+LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on padded rows
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Defaults as shipped in version 1 (α/b, uniform rank sampling, lr 2e-4); "
                    "bench/README.md §6 compares them with dedicated QLoRA runs.")
@@ -64,6 +66,8 @@ class TrainConfig(ConfigDict):
     seed: int = field(default=42, metadata={"help": "Seed for init, data order, dropout and rank draws."})
     checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N steps (and on cancel)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory (non-reentrant)."})
+    batching: str = field(default="packed", metadata={"choices": BATCHING, "help": "packed (short examples of a micro-batch share a row, attention kept "
+                                                              "within each: same loss, less padding) or padded (one example per row)."})
 
     def __post_init__(self):
         problems = []
@@ -81,6 +85,8 @@ class TrainConfig(ConfigDict):
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         problems += filter(None, (number_problem("max_grad_norm", self.max_grad_norm, lo=0, note="0 disables clipping"),
                                   number_problem("weight_decay", self.weight_decay, lo=0)))
+        if self.batching not in BATCHING:
+            problems.append(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if isinstance(self.max_length, int) and self.max_length < 8:
             problems.append(f"max_length must be at least 8, got {self.max_length}")
         try:
@@ -105,8 +111,8 @@ class TrainConfig(ConfigDict):
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        # A run saved before the scale rule existed was trained with alpha/b, whatever today's default.
-        return super().from_dict({"scale": LEGACY_SCALE} | data if isinstance(data, dict) else data)
+        # A run saved before the scale rule (or packing) existed was trained with alpha/b (padded rows), whatever today's default.
+        return super().from_dict({"scale": LEGACY_SCALE, "batching": LEGACY_BATCHING} | data if isinstance(data, dict) else data)
 
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(

@@ -748,6 +748,7 @@ class SweepView:
     sweep_dir: Path | None = None
     by_set: pd.DataFrame | None = None  # summary_by_set.csv: quality per (named evaluation set, rank)
     summary_problem: str | None = None  # why summary.csv or per_prompt.csv could not be read (then summary is None)
+    phase: str | None = None         # while running: "latency" (timing the current rank) or "quality" (answering)
 
     @property
     def fraction(self) -> float:
@@ -798,7 +799,7 @@ def read_sweep(sweep_dir: Path) -> SweepView:
     sweep_dir = Path(sweep_dir)
     events = runstate.read_events(sweep_dir)
     done = total = 0
-    eta = current = None
+    eta = current = phase = None
     ranks_done: list[int] = []
     for e in events:
         kind = e.get("event")
@@ -810,10 +811,16 @@ def read_sweep(sweep_dir: Path) -> SweepView:
             total = int(e.get("total_units") or total)
             eta = e.get("eta_s")
             current = e.get("rank")
+            phase = "quality"
+        elif kind == "phase":
+            eta = e.get("eta_s", eta)
+            current = e.get("rank")
+            phase = e.get("phase")
         elif kind == "rank_start":
             current = e.get("rank")
         elif kind == "rank_done" and e.get("rank") is not None:
             ranks_done.append(int(e["rank"]))
+            phase = None
     cfg = (read_json_object(sweep_dir / "config.json") or {}).get("config")
     meta = read_json_object(sweep_dir / "sweep.json")
     if meta and meta.get("ranks_done"):
@@ -828,7 +835,7 @@ def read_sweep(sweep_dir: Path) -> SweepView:
         except UserError as exc:
             summary, problem = None, str(exc)
     return SweepView(runstate.read_status(sweep_dir), cfg, done, total, eta, current, sorted(set(ranks_done)),
-                     summary, per_prompt, meta, sweep_dir, _read_csv(sweep_dir / "summary_by_set.csv"), problem)
+                     summary, per_prompt, meta, sweep_dir, _read_csv(sweep_dir / "summary_by_set.csv"), problem, phase)
 
 
 def eval_fact_count(info: DatasetInfo) -> int:

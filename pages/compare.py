@@ -69,6 +69,14 @@ summary, per_prompt = view.summary, view.per_prompt
 if job.status != "completed":
     st.warning(f"This sweep is {ui.STATUS_WORDS.get(job.status, job.status)}; it shows the ranks measured so far: "
                + ", ".join(map(str, view.ranks_done)))
+    if job.active:
+        @st.fragment(run_every="5s")
+        def _next_rank() -> None:
+            """Redraw the page when the running sweep has written another rank."""
+            if wd.sweep_stamp(job.out_dir) != stamp:
+                st.rerun()
+
+        _next_rank()
 if view.summary_problem:
     st.warning(view.summary_problem, icon=":material/warning:")
     st.stop()

@@ -26,7 +26,8 @@ def monitor(job_id: int) -> bool:
     elif job.status != "queued":
         eta = f" · about {ui.duration(view.eta_s)} left" if job.status == "running" and view.eta_s is not None else ""
         rank = f"rank {view.current_rank} · " if job.status == "running" and view.current_rank is not None else ""
-        st.progress(view.fraction, text=f"{rank}{view.done_units} of {view.total_units} answers{eta}")
+        timing = "measuring speed · " if job.status == "running" and view.phase == "latency" else ""
+        st.progress(view.fraction, text=f"{rank}{timing}{view.done_units} of {view.total_units} answers{eta}")
     if view.ranks_done:
         st.markdown("Ranks measured: " + ", ".join(f"**{r}**" for r in view.ranks_done))
     if view.summary_problem:

@@ -25,6 +25,8 @@ def test_train_generate_export_reload(tiny_model_dir, small_train_file, tmp_path
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([
         "adapter", "checkpoint", "config.json", "data_report.json", "progress.jsonl", "rank_histogram.json",
         "status.json", "train.log"])
+    execution = json.loads((run_dir / "config.json").read_text())["execution"]
+    assert execution["threads"]["mode"] == "auto" and execution["threads"]["OMP_WAIT_POLICY"] == "PASSIVE"   # a job (issue 12)
 
     gen = run_cli("generate", "--run", str(run_dir), "--rank", "2", "--prompt", "Hello?", "--max-new-tokens", "5")
     assert gen.returncode == 0, gen.stderr

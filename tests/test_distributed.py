@@ -66,6 +66,10 @@ def test_two_processes_with_several_ranks_per_step_train_the_adapter_of_one(tiny
     config = lambda run: json.loads((run / "config.json").read_text())["train"]  # noqa: E731
     assert {k: v for k, v in config(tmp_path / "two").items() if k != "out"} == \
            {k: v for k, v in config(tmp_path / "one").items() if k != "out"}
+    # ... and both computed it the fast way: each process packed its slice of every micro-batch (issue 12).
+    execution = lambda run: json.loads((run / "config.json").read_text())["execution"]  # noqa: E731
+    assert execution(tmp_path / "two")["batching"] == execution(tmp_path / "one")["batching"] == "packed"
+    assert execution(tmp_path / "two")["processes"] == 2 and execution(tmp_path / "one")["processes"] == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert json.loads((tmp_path / "two" / "rank_histogram.json").read_text()) == \
            json.loads((tmp_path / "one" / "rank_histogram.json").read_text())

@@ -50,6 +50,7 @@ def sweep_json(folder):
     data = json.loads((folder / "sweep.json").read_text())
     data["config"].pop("out")
     data["run_meta"].pop("workers", None)
+    data["run_meta"].pop("threads")   # how the measuring process(es) computed (issue 12): a condition, like workers
     return same_value(data)
 
 
@@ -66,6 +67,7 @@ def test_two_workers_write_the_files_of_one_process(run_dir, tmp_path, cli_in_pr
     # The speed columns were measured by two processes sharing the cores: the sweep says so.
     assert json.loads((two / "sweep.json").read_text())["run_meta"]["workers"] == 2
     assert "workers" not in json.loads((one / "sweep.json").read_text())["run_meta"]
+    assert len(json.loads((two / "sweep.json").read_text())["run_meta"]["threads"]) == 2   # each worker's policy
     events = runstate.read_events(two)
     assert events[0]["event"] == "start" and events[0]["workers"] == 2 and events[-1]["status"] == "completed"
     assert sorted(e["rank"] for e in events if e["event"] == "rank_done") == [0, 1, 2, 4]

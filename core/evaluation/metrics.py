@@ -169,14 +169,22 @@ class SemanticSimilarity:
         _check_pairs(answers, references)
         if not answers:
             return []
-        model = self._model()
-        texts = [str(t) for t in answers] + [str(t) for t in references]
-        emb = model.encode(
-            texts, batch_size=self.batch_size, convert_to_numpy=True,
+        return self.scores_against(answers, self.embed(references))
+
+    def embed(self, texts: Sequence[str]):
+        """Unit-length embeddings, one row per text (a sweep embeds its references once for every rank)."""
+        return self._model().encode(
+            [str(t) for t in texts], batch_size=self.batch_size, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=False,
         )
-        n = len(answers)
-        cos = (emb[:n] * emb[n:]).sum(axis=1)
+
+    def scores_against(self, answers: Sequence[str], reference_embeddings) -> list[float]:
+        """`scores` with the references already embedded (rows in the order of `answers`)."""
+        if len(answers) != len(reference_embeddings):
+            raise ValueError(f"{len(answers)} answers but {len(reference_embeddings)} reference embeddings")
+        if not answers:
+            return []
+        cos = (self.embed(answers) * reference_embeddings).sum(axis=1)
         return [
             0.0 if not str(a).strip() else float(min(1.0, max(-1.0, c)))
             for a, c in zip(answers, cos)

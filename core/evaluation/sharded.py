@@ -11,10 +11,16 @@ aside: they were measured by processes sharing the machine, which `sweep.json` r
 `run_meta.workers`). Cancel stops every worker at its next batch of prompts and keeps the
 finished ranks; `--resume` measures the rest.
 
-Protocol, one JSON object per line. To a worker: `{"metrics": [...]}` once, then
-`{"rank": b}` per rank; end of input means no more ranks. From a worker: `rank_start` and
-`prompt` progress events, `{"event": "result", "rank", "result"}`, `{"event": "cancelled"}`,
-or `{"event": "error", "message"}` before it exits.
+Every worker measures as a one-process sweep does: the same batches of prompts encoded
+once, and quality on the model the sweep process chose once for all of them
+(`quality_path`: auto is decided here, with one float copy of the base per worker that
+shares the memory), so that the quality numbers do not depend on which worker measured.
+
+Protocol, one JSON object per line. To a worker: `{"metrics": [...], "quality_path": ...}`
+once, then `{"rank": b}` per rank; end of input means no more ranks. From a worker:
+`ready`, `rank_start`, `phase` and `prompt` progress events,
+`{"event": "result", "rank", "result", "threads"}`, `{"event": "cancelled"}`, or
+`{"event": "error", "message"}` before it exits.
 """
 from __future__ import annotations
 
@@ -29,9 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core import distributed, runstate
+from core import distributed, runstate, threads
 from core.errors import UserError
-from core.evaluation.sweep import Sweep, SweepConfig, SweepResult, read_rank_results
+from core.evaluation.sweep import Sweep, SweepConfig, SweepResult, planned_float_copy_bytes, read_rank_results
 
 WORKER_LOG = "worker_{index}.log"
 
@@ -78,6 +84,7 @@ class Worker:
     finished: bool = False           # its output ended
     error: str | None = None
     cancelled: bool = False
+    threads: dict | None = None      # its thread policy, as it last reported it
     lines: "queue.Queue" = field(default_factory=queue.Queue)
 
 
@@ -100,7 +107,7 @@ class WorkerPool:
             log.close()
             worker = Worker(index, proc)
             threading.Thread(target=self._read, args=(worker,), daemon=True).start()
-            self._send(worker, {"metrics": sweep.metrics})
+            self._send(worker, {"metrics": sweep.metrics, "quality_path": sweep.quality_path})
             self.workers.append(worker)
         self.model_meta: dict | None = None
 
@@ -162,15 +169,18 @@ class WorkerPool:
                 continue
             kind = event.get("event")
             if kind == "ready":
-                self.model_meta = event["model"]
+                self.model_meta = sweep.model_meta = event["model"]
             elif kind == "rank_start":
                 sweep._emit({"event": "rank_start", "rank": event["rank"], "worker": index})
-            elif kind == "prompt":
-                done_units += event["units"]
+            elif kind in ("prompt", "phase"):   # a batch of prompts done, or a rank's latency timing begun
+                if kind == "prompt":
+                    done_units += event["units"]
                 elapsed = time.time() - started
                 sweep._emit(event | {"done_units": done_units, "total_units": total_units, "worker": index,
                                      "eta_s": elapsed / max(done_units - sweep.units_at_start, 1) * (total_units - done_units)})
             elif kind == "result":
+                worker.threads = event.get("threads")
+                sweep.threads_meta = [w.threads for w in self.workers if w.threads]
                 result = event["result"] | {"workers": len(self.workers)}
                 sweep._rank_finished(event["rank"], result)
                 worker.rank = None
@@ -217,6 +227,7 @@ class WorkerPool:
 def run_sharded(sweep: Sweep, workers: int) -> SweepResult:
     """The sweep with `workers` worker processes; the same files as `Sweep.run` in one process."""
     sweep._open_folder()
+    sweep.quality_path = plan_quality_path(sweep, workers)
     todo = sweep.todo()
     pool = WorkerPool(sweep, workers)
     try:
@@ -228,6 +239,15 @@ def run_sharded(sweep: Sweep, workers: int) -> SweepResult:
         pool.model_meta = json.loads((Path(sweep.cfg.run) / "config.json").read_text()).get("model")
     sweep.model_meta = pool.model_meta
     return sweep.finish(status)
+
+
+def plan_quality_path(sweep: Sweep, workers: int) -> str:
+    """The model every worker computes quality on, decided once here as a one-process sweep decides it
+    (auto: merged when a float copy of the base per worker sharing the memory fits; one GPU per worker)."""
+    if sweep.cfg.quality_path != "auto":
+        return sweep._choose_quality_path(0, "cpu")
+    need, device = planned_float_copy_bytes(sweep.run_config)
+    return sweep._choose_quality_path(need, device, copies=1 if device.startswith("cuda") else workers)
 
 
 # ------------------------------------------------------------------ the worker
@@ -257,22 +277,25 @@ def worker_main(out: Path) -> int:
         protocol.write(json.dumps(message, default=float) + "\n")
 
     _quiet_libraries()
+    # A job under the thread policy (core/threads.py): its share of the cores (OMP_NUM_THREADS from
+    # worker_env) is the most it uses, and it gives threads back while other processes hold cores.
+    threads.configure_job()
     worker = RankWorker(out, send, CancelFlag().install())
     try:
         setup = json.loads(sys.stdin.readline() or "{}")
         worker._read_inputs()
         worker.metrics = setup.get("metrics", list(worker.cfg.metrics))
-        worker._load_models()
+        worker._load_models(setup.get("quality_path"))
         send({"event": "ready", "model": worker.model_meta})
-        worker.units_at_start = 0
+        worker._reset_counters(worker.ranks)  # its own counts; the sweep process counts those of all workers
         for line in sys.stdin:
             rank = int(json.loads(line)["rank"])
             send({"event": "rank_start", "rank": rank})
-            result = worker.evaluate_rank(rank, 0, 0, time.time())
+            result = worker.evaluate_rank(rank)
             if result is None:
                 send({"event": "cancelled"})
                 return 0
-            send({"event": "result", "rank": rank, "result": result})
+            send({"event": "result", "rank": rank, "result": result, "threads": threads.describe()})
     except (KeyboardInterrupt, BrokenPipeError):
         return 0
     except BaseException as exc:

@@ -26,6 +26,18 @@ def is_adaptable_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_linear4bit(module)
 
 
+def add_low_rank(result: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """result + scale · z Bᵀ, as one matrix product that adds into `result` when the dtypes allow.
+
+    The same sum as `result + F.linear(z, B) * scale` up to float rounding, without the two
+    extra passes (scaling, adding) over the layer's whole output, forward and backward.
+    """
+    if result.dtype == z.dtype and result.dim() >= 2:
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale)
+        return out.view(result.shape)
+    return result + (F.linear(z, b) * scale).to(result.dtype)
+
+
 class DynamicRankLoRALinear(nn.Module):
     """Wraps a frozen linear (float or bitsandbytes 4-bit) with a rank-truncatable adapter.
 
@@ -75,24 +87,24 @@ class DynamicRankLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.rank_coeff is not None:
-            return result + self._per_example_delta(x).to(result.dtype)
+            b_max = self.rank_coeff.shape[-1]
+            return add_low_rank(result, self._per_example_z(x), self.lora_B[:, :b_max], 1.0)
         b = self.active_rank
         if b == 0:
             return result
         a, bm = self.active_factors()
         h = self.dropout(x.to(a.dtype))
-        delta = F.linear(F.linear(h, a), bm) * self.scale(b)
-        return result + delta.to(result.dtype)
+        return add_low_rank(result, F.linear(h, a), bm, self.scale(b))
 
-    def _per_example_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _per_example_z(self, x: torch.Tensor) -> torch.Tensor:
+        """A[:b_max] dropout(x), each example's rows masked and scaled by its own rank."""
         coeff = self.rank_coeff
         if x.dim() < 2 or x.shape[0] != coeff.shape[0]:
             raise ValueError(f"per-example ranks were set for a batch of {coeff.shape[0]}, got input of shape {tuple(x.shape)}")
         b_max = coeff.shape[-1]
         h = self.dropout(x.to(self.lora_A.dtype))
         z = F.linear(h, self.lora_A[:b_max])
-        z = z * coeff.view(coeff.shape[0], *([1] * (z.dim() - 2)), b_max)
-        return F.linear(z, self.lora_B[:, :b_max])
+        return z * coeff.view(coeff.shape[0], *([1] * (z.dim() - 2)), b_max)
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         """s(b) B[:, :b] A[:b]: what merging adds to W0, in float32."""
