@@ -500,7 +500,8 @@ def final_phase(args) -> None:
             if cands:
                 peers[r] = min(cands)[1]
         gaps = {}
-        for side, by_rank in sides.items():
+        today = {r: TODAY["lr"] for r in RANKS}
+        for side, by_rank in [*sides.items(), ("today", today)]:
             if side in DEDICATED:
                 continue
             gaps[side] = {}
@@ -508,7 +509,7 @@ def final_phase(args) -> None:
                 if r not in peers:
                     continue
                 peer = sides[peers[r]][r]
-                ours = cache[f"{side}|{lr:g}|{r}"][set_name]
+                ours = cache[f"{'shipped' if side == 'today' else side}|{lr:g}|{r}"][set_name]
                 theirs = cache[f"{peers[r]}|{peer:g}|{r}"][set_name]
                 gap = paired_gap({"nll_sums": ours["sums"], "nll_counts": ours["counts"]},
                                  {"nll_sums": theirs["sums"], "nll_counts": theirs["counts"]}, 2000)
@@ -630,9 +631,54 @@ def status_phase(args) -> None:
                 print(f"{side:>18} lr {lr:<7g} " + " ".join(f"{v[r]:7.3f}" if r in v else "      -" for r in RANKS))
 
 
+SIDE_ORDER = ["svd_qlora", "svd_rslora", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
+              "const_high_k4", "shipped", "today"]
+
+
+def _pct(d: dict) -> str:
+    return f"{d['gap'] * 100:+.1f} % [{d['lo'] * 100:+.1f}, {d['hi'] * 100:+.1f}]"
+
+
+def report_phase(args) -> None:
+    """The final numbers as Markdown tables (for bench/README.md §6), from the result JSON."""
+    name = "rank_search_variants_quick" if args.quick else ("rank_search_variants" if args.steps == 40 else f"rank_search_variants_{args.steps}")
+    res = json.loads((common.RESULTS / f"{name}.json").read_text())
+    for set_name, fin in res["final"].items():
+        sides = [s for s in SIDE_ORDER if s in fin["gaps"]]
+        print(f"\n**{set_name}** ({fin['prompts']} held-out prompts; base model NLL {fin['base_nll']:.3f}); "
+              "NLL gap to the best dedicated run at that rank, paired 95 % CI:\n")
+        print("| rank | best dedicated (lr) | its NLL [95 % CI] | " + " | ".join(
+            f"{s} (lr {fin['rows'][s][next(iter(fin['rows'][s]))]['lr']:g})" for s in sides) + " |")
+        print("|---" * (3 + len(sides)) + "|")
+        for r in map(str, RANKS):
+            peer = fin["best_peer"].get(r)
+            if peer is None:
+                continue
+            row = fin["rows"][peer][r]
+            cells = [_pct(fin["gaps"][s][r]["nll_gap"]) if r in fin["gaps"][s] else "—" for s in sides]
+            print(f"| {r} | {peer} ({row['lr']:g}) | {row['nll']:.3f} [{row['nll_lo']:.3f}, {row['nll_hi']:.3f}] | " + " | ".join(cells) + " |")
+        print("\nROUGE-L (mean over the generated answers; difference to the best dedicated run, 95 % CI):\n")
+        print("| rank | best dedicated | " + " | ".join(sides) + " |")
+        print("|---" * (2 + len(sides)) + "|")
+        for r in map(str, RANKS):
+            peer = fin["best_peer"].get(r)
+            if peer is None:
+                continue
+            cells = []
+            for s in sides:
+                g = fin["gaps"][s].get(r)
+                if g is None:
+                    cells.append("—")
+                    continue
+                own = fin["rows"][s if s != "today" else "today"][r]["rouge_l"]
+                d = g["rouge_diff"]
+                cells.append(f"{own:.3f} ({d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])")
+            print(f"| {r} | {fin['rows'][peer][r]['rouge_l']:.3f} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status", "refine"])
+    p.add_argument("phase", choices=["train", "worker", "queue", "final", "status", "refine", "report"])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -657,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps = min(args.steps, 2)
     {"train": train_phase, "worker": worker, "queue": queue_phase, "final": final_phase, "status": status_phase,
-     "refine": refine_phase}[args.phase](args)
+     "refine": refine_phase, "report": report_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
