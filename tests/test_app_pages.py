@@ -255,6 +255,7 @@ def test_train_page_refuses_bad_values_before_launch(workspace, tmp_path):
     at.text_input(key="f-model-path").set_value(str(tmp_path / "empty-model")).run()
     assert any("no config.json" in e.value for e in at.error)
     at.selectbox(key="f-model").set_value("default").run()
+    field(at.selectbox, "Method").set_value("qdylora").run()   # rank sampling applies to QDyLoRA only
     field(at.selectbox, "Rank sampling").set_value("list").run()
     at.text_input(key="f-rank_list").set_value("1,99").run()
     assert any("rank_list entries" in e.value.lower() for e in at.error)

@@ -21,7 +21,7 @@ two_cores = pytest.mark.skipif(cpu_cores() < 2, reason="two training processes n
 
 def flags(model_dir, data, **overrides) -> list[str]:
     """CLI flags of a tiny float32 run without dropout: the setting in which processes must not matter."""
-    values = dict(data=str(data), model=str(model_dir), quant="none", device="cpu", r_max=8, steps=4, batch_size=4,
+    values = dict(data=str(data), model=str(model_dir), quant="none", device="cpu", r_max=8, steps=4, batch_size=4, method="qdylora",
                   checkpoint_every=2, max_length=64, lr=1e-3, warmup_ratio=0.0, dropout=0.0)
     values.update(overrides)
     return TrainConfig(out="unused", **values).cli_args()

@@ -12,7 +12,8 @@ from core.train import BatchOrder, TrainConfig, lr_lambda, train
 
 
 def tiny_cfg(model_dir, data, out, **overrides) -> TrainConfig:
-    values = dict(data=str(data), out=str(out), model=str(model_dir), quant="none", r_max=8, steps=4,
+    # method qdylora: these tests are about rank sampling, which the default (svd) does not do.
+    values = dict(data=str(data), out=str(out), model=str(model_dir), quant="none", r_max=8, steps=4, method="qdylora",
                   batch_size=2, checkpoint_every=2, max_length=64, lr=1e-3, warmup_ratio=0.0)
     values.update(overrides)
     return TrainConfig(**values)

@@ -17,7 +17,7 @@ LEGACY_SCALE = "alpha/b"
 # An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
 INFERENCE_SCALE_OF_SVD = "constant"
 # The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
-METHOD_SCALE = {"qdylora": "alpha/b", "svd": "alpha/b"}
+METHOD_SCALE = {"qdylora": "constant", "svd": "alpha/b"}
 
 
 @dataclass
@@ -62,17 +62,19 @@ class QDyLoRAConfig(ConfigDict):
     def __post_init__(self):
         if self.scale is None:
             self.scale = METHOD_SCALE.get(self.method)
+        # Names are checked as given, also those the svd method replaces below: a typo is never silently dropped.
+        problems = [f"{name} must be one of {', '.join(choices)}, got {value!r}" for name, value, choices in (
+            ("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES))
+            if value not in choices]
         if self.method == "svd":
             # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
             self.rank_sampling, self.rank_list, self.ranks_per_step, self.extra_ranks, self.distill = (
                 "list", [self.r_max] if isinstance(self.r_max, int) else None, 1, "none", 0.0)
-        problems = []
         if isinstance(self.r_max, bool) or not isinstance(self.r_max, int) or self.r_max < 1:
             problems.append(f"r_max must be a positive integer, got {self.r_max!r}")
         problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True),
                                   number_problem("dropout", self.dropout, lo=0, hi=1, hi_open=True)])
-        for name, value, choices in (("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("update", self.update, UPDATE_CHOICES),
-                                     ("scale", self.scale, SCALE_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES),
+        for name, value, choices in (("update", self.update, UPDATE_CHOICES), ("scale", self.scale, SCALE_CHOICES),
                                      ("method", self.method, METHOD_CHOICES)):
             if value not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
