@@ -20,6 +20,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "paged_adamw")
 BATCHING = ("packed", "padded")
 LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on padded rows
+LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks (today's default is svd)
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Defaults as shipped in version 1 (α/b, uniform rank sampling, lr 2e-4); "
                    "bench/README.md §6 compares them with dedicated QLoRA runs.")
@@ -111,8 +112,10 @@ class TrainConfig(ConfigDict):
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        # A run saved before the scale rule (or packing) existed was trained with alpha/b (padded rows), whatever today's default.
-        return super().from_dict({"scale": LEGACY_SCALE, "batching": LEGACY_BATCHING} | data if isinstance(data, dict) else data)
+        # A run saved before the method, the scale rule or packing existed was a QDyLoRA run trained with
+        # alpha/b on padded rows, whatever today's defaults.
+        legacy = {"method": LEGACY_METHOD, "scale": LEGACY_SCALE, "batching": LEGACY_BATCHING}
+        return super().from_dict(legacy | data if isinstance(data, dict) else data)
 
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(

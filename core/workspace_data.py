@@ -427,10 +427,13 @@ TRAIN_LIMITS = {
     "r_max": (1, 256), "alpha": (0.01, 1024.0), "steps": (1, 100_000), "batch_size": (1, 256),
     "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256), "ranks_per_step": (1, 256),
 }
-METHOD_LABELS = {"qdylora": "QDyLoRA: one run trains every rank",
-                 "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
+# The recommended (default) method first: the evidence is in bench/README.md §6.
+METHOD_LABELS = {"svd": "SVD truncation (recommended): one LoRA at r_max, each rank cut from it",
+                 "qdylora": "QDyLoRA: one run samples a rank each step"}
 SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
                 "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+
+
 def _recipe_defaults() -> dict:
     """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
     from core.train_config import TrainConfig

@@ -209,6 +209,17 @@ def test_configs_saved_before_the_scale_rule_load_as_alpha_over_b():
     assert TrainConfig.from_dict(saved).scale == "alpha/b"
 
 
+def test_runs_saved_before_the_method_option_load_as_the_qdylora_runs_they_were():
+    from core.train_config import TrainConfig
+
+    saved = TrainConfig(data="d", out="o", method="qdylora", rank_sampling="high").to_dict()
+    for name in ("method", "scale", "batching"):
+        del saved[name]
+    old = TrainConfig.from_dict(saved)
+    assert (old.method, old.scale, old.batching, old.rank_sampling) == ("qdylora", "alpha/b", "padded", "high")
+    assert TrainConfig(data="d", out="o").method == "svd"   # today's default differs, on purpose
+
+
 @pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant"])
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_peft_scale_fields_give_peft_the_same_scale(rule, rank):
