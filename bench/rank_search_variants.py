@@ -454,8 +454,10 @@ def final_phase(args) -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     bench = AdapterBench(args.steps, args.quick)
     adapters = root(args.steps, args.quick) / "adapters"
+    # Today's defaults (shipped at lr 2e-4) may not have been run at this length.
+    has_today = (adapters / f"{job_id('shipped', TODAY['lr'])}.safetensors").is_file()
     needed = sorted({(side, lr, r) for sides in choice.values() for side, by_rank in sides.items() for r, lr in by_rank.items()}
-                    | {("shipped", TODAY["lr"], r) for r in RANKS})
+                    | ({("shipped", TODAY["lr"], r) for r in RANKS} if has_today else set()))
     for side, lr, r in needed:
         key = f"{side}|{lr:g}|{r}"
         if key in cache:
@@ -493,7 +495,8 @@ def final_phase(args) -> None:
         rows = {}
         for side, by_rank in sides.items():
             rows[side] = {r: {"lr": lr} | summary(cache[f"{side}|{lr:g}|{r}"][set_name]) for r, lr in by_rank.items()}
-        rows["today"] = {r: {"lr": TODAY["lr"]} | summary(cache[f"shipped|{TODAY['lr']:g}|{r}"][set_name]) for r in RANKS}
+        if has_today:
+            rows["today"] = {r: {"lr": TODAY["lr"]} | summary(cache[f"shipped|{TODAY['lr']:g}|{r}"][set_name]) for r in RANKS}
         peers = {}
         for r in RANKS:
             cands = [(rows[s][r]["nll"], s) for s in DEDICATED if s in rows and r in rows[s]]
@@ -501,7 +504,7 @@ def final_phase(args) -> None:
                 peers[r] = min(cands)[1]
         gaps = {}
         today = {r: TODAY["lr"] for r in RANKS}
-        for side, by_rank in [*sides.items(), ("today", today)]:
+        for side, by_rank in [*sides.items(), *([("today", today)] if has_today else [])]:
             if side in DEDICATED:
                 continue
             gaps[side] = {}

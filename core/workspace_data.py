@@ -436,11 +436,15 @@ SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoR
 
 def _recipe_defaults() -> dict:
     """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
+    from dataclasses import fields
+
     from core.train_config import TrainConfig
 
-    d = TrainConfig(data="unused", out="unused")
-    return dict(method=d.method, scale=None, rank_sampling=d.rank_sampling, ranks_per_step=d.ranks_per_step,
-                alpha=d.alpha, lr=d.lr, update=d.update)
+    # The fields' own defaults, not a resolved config's: svd records its sampling as "list [r_max]",
+    # which the form must not carry over to another r_max or method.
+    d = {f.name: f.default for f in fields(TrainConfig)}
+    return dict(method=d["method"], scale=None, rank_sampling=d["rank_sampling"], ranks_per_step=d["ranks_per_step"],
+                alpha=d["alpha"], lr=d["lr"], update=d["update"])
 
 
 PRESETS = {

@@ -442,6 +442,7 @@ def test_bad_eval_file_on_the_data_page(case_id, name, raw, words, world):
 
 # Placeholders in argv: {train} {eval} {model} {run} {out} and world keys; "{damaged:NAME}", "{sweep:NAME}".
 TRAIN = ["train", "--data", "{train}", "--model", "{model}", "--quant", "none", "--out", "{out}"]
+QDYLORA = TRAIN + ["--method", "qdylora"]   # rank-sampling options belong to this method
 GENERATE = ["generate", "--run", "{run}", "--rank", "1", "--prompt", "hello"]
 EXPORT = ["export", "--run", "{run}", "--rank", "1", "--out", "{out}"]
 SWEEP = ["sweep", "--run", "{run}", "--prompts", "{eval}", "--out", "{out}"]
@@ -491,9 +492,9 @@ CLI_CASES = [
     (TRAIN + ["--max-grad-norm", "nan"], ["max_grad_norm", "finite"]),
     (TRAIN + ["--max-grad-norm", "inf"], ["max_grad_norm", "finite"]),
     (TRAIN + ["--max-grad-norm", "-1"], ["max_grad_norm"]),
-    (TRAIN + ["--rank-sampling", "list"], ["rank_list"]),
-    (TRAIN + ["--rank-sampling", "list", "--rank-list", "0,2"], ["rank_list entries"]),
-    (TRAIN + ["--rank-sampling", "list", "--rank-list", "1,99", "--r-max", "8"], ["rank_list entries", "r_max=8"]),
+    (QDYLORA + ["--rank-sampling", "list"], ["rank_list"]),
+    (QDYLORA + ["--rank-sampling", "list", "--rank-list", "0,2"], ["rank_list entries"]),
+    (QDYLORA + ["--rank-sampling", "list", "--rank-list", "1,99", "--r-max", "8"], ["rank_list entries", "r_max=8"]),
     (TRAIN + ["--target-modules", "nope"], ["target modules nope", "q_proj"]),
     (TRAIN + ["--target-modules", "q_proj,attention"], ["attention", "name no linear layer"]),
     (TRAIN + ["--target-modules", ","], ["target_modules"]),
@@ -525,14 +526,18 @@ CLI_CASES = [
     (TRAIN + ["--method", "lora"], ["--method", "invalid choice"]),
     (TRAIN + ["--extra-ranks", "all"], ["--extra-ranks", "invalid choice"]),
     (TRAIN + ["--ranks-per-step", "abc"], ["--ranks-per-step", "invalid int"]),
-    (TRAIN + ["--ranks-per-step", "0"], ["ranks_per_step"]),
-    (TRAIN + ["--ranks-per-step", "-2"], ["ranks_per_step"]),
-    (TRAIN + ["--ranks-per-step", "5", "--batch-size", "4"], ["ranks_per_step (5) cannot exceed", "= 4"]),
-    (TRAIN + ["--ranks-per-step", "3", "--batch-size", "1", "--grad-accum", "2"], ["ranks_per_step (3) cannot exceed"]),
-    (TRAIN + ["--distill", "0.5"], ["distill needs extra_ranks"]),
-    (TRAIN + ["--distill", "nan", "--extra-ranks", "max"], ["distill", "finite"]),
-    (TRAIN + ["--distill", "2", "--extra-ranks", "max"], ["distill"]),
-    (TRAIN + ["--update", "frozen", "--ranks-per-step", "2"], ["frozen"]),
+    (QDYLORA + ["--ranks-per-step", "0"], ["ranks_per_step"]),
+    (QDYLORA + ["--ranks-per-step", "-2"], ["ranks_per_step"]),
+    (QDYLORA + ["--ranks-per-step", "5", "--batch-size", "4"], ["ranks_per_step (5) cannot exceed", "= 4"]),
+    (QDYLORA + ["--ranks-per-step", "3", "--batch-size", "1", "--grad-accum", "2"], ["ranks_per_step (3) cannot exceed"]),
+    (QDYLORA + ["--distill", "0.5"], ["distill needs extra_ranks"]),
+    (QDYLORA + ["--distill", "nan", "--extra-ranks", "max"], ["distill", "finite"]),
+    (QDYLORA + ["--distill", "2", "--extra-ranks", "max"], ["distill"]),
+    (QDYLORA + ["--update", "frozen", "--ranks-per-step", "2"], ["frozen"]),
+    # the default method (svd) trains one adapter at r_max: sampling options are refused, never dropped
+    (TRAIN + ["--rank-sampling", "high"], ["rank_sampling applies to method qdylora only"]),
+    (TRAIN + ["--ranks-per-step", "2", "--extra-ranks", "max"], ["ranks_per_step, extra_ranks apply to method qdylora only"]),
+    (TRAIN + ["--update", "frozen"], ["update applies to method qdylora only"]),
     (TRAIN + ["--init-from", "{run}"], ["init_from and init_rank go together"]),
     (TRAIN + ["--init-from", "{unfinished}", "--init-rank", "2", "--r-max", "2"], ["has not finished", "cancelled"]),
     (TRAIN + ["--init-from", "{run}", "--init-rank", "3", "--r-max", "2"], ["must have r_max 3"]),

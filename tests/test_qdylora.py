@@ -301,8 +301,12 @@ def test_svd_ordered_factors_give_the_best_approximation_at_every_rank(shape):
 def test_svd_method_trains_at_r_max_only_and_is_used_with_the_constant_scale():
     from core.qdylora.truncation import inference_config
 
-    cfg = QDyLoRAConfig(r_max=8, method="svd", rank_sampling="high", ranks_per_step=3, scale="alpha/sqrt(b)")
+    cfg = QDyLoRAConfig(r_max=8, method="svd", scale="alpha/sqrt(b)")
     assert (cfg.rank_sampling, cfg.rank_list, cfg.ranks_per_step) == ("list", [8], 1)
+    assert QDyLoRAConfig.from_dict(cfg.to_dict()) == cfg   # the recorded form loads back
+    # sampling options asked for with svd are refused, not silently replaced
+    with pytest.raises(ValueError, match="rank_sampling, ranks_per_step apply to method qdylora only"):
+        QDyLoRAConfig(r_max=8, method="svd", rank_sampling="high", ranks_per_step=3)
     assert inference_config(cfg).scale == "constant" and inference_config(cfg).method == "svd"
     assert inference_config(QDyLoRAConfig(r_max=8, scale="alpha/sqrt(b)")).scale == "alpha/sqrt(b)"
 

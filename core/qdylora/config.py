@@ -20,6 +20,21 @@ INFERENCE_SCALE_OF_SVD = "constant"
 METHOD_SCALE = {"qdylora": "constant", "svd": "alpha/b"}
 
 
+def _svd_problems(cfg) -> list[str]:
+    """Rank-sampling options asked for with method svd, which trains one adapter at r_max: refused, never dropped."""
+    as_trained = [cfg.r_max]   # how an svd run records its training (rank_sampling list, rank_list [r_max])
+    asked = [name for name, given in (
+        ("rank_sampling", cfg.rank_sampling not in ("uniform", "list") or (cfg.rank_sampling == "list" and cfg.rank_list != as_trained)),
+        ("rank_list", cfg.rank_list is not None and cfg.rank_list != as_trained),
+        ("ranks_per_step", cfg.ranks_per_step != 1), ("extra_ranks", cfg.extra_ranks != "none"),
+        ("distill", cfg.distill != 0), ("update", cfg.update != "full")) if given]
+    if not asked:
+        return []
+    return [f"{', '.join(asked)} {'applies' if len(asked) == 1 else 'apply'} to method qdylora only (method svd trains "
+            "one ordinary adapter at r_max and cuts every rank from it); choose method qdylora or leave "
+            f"{'it' if len(asked) == 1 else 'them'} at the default"]
+
+
 @dataclass
 class QDyLoRAConfig(ConfigDict):
     r_max: int = field(default=64, metadata={"help": "Largest rank trained; one run serves every rank 1..r_max."})
@@ -67,6 +82,7 @@ class QDyLoRAConfig(ConfigDict):
             ("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES))
             if value not in choices]
         if self.method == "svd":
+            problems += _svd_problems(self)
             # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
             self.rank_sampling, self.rank_list, self.ranks_per_step, self.extra_ranks, self.distill = (
                 "list", [self.r_max] if isinstance(self.r_max, int) else None, 1, "none", 0.0)
