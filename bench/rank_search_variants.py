@@ -18,17 +18,22 @@ claim work through files, so an interrupted phase resumes where it stopped.
 
 Then `final` picks, per set, each side's best lr (per rank for dedicated runs: each dedicated run
 is tuned on its own; one lr for a one-run recipe: the lowest mean NLL over ranks), evaluates the
-chosen adapters on the FULL sets plus ROUGE-L of greedy answers, and computes paired 95 %
-intervals of every recipe's gap to the best dedicated run at each rank (same prompts resampled).
+chosen adapters on the HELD-OUT REST of each set (the prompts the lr search never saw, so the
+pick does not flatter anyone) plus ROUGE-L of greedy answers to 16 of them per set, and computes
+paired 95 % intervals of every recipe's gap to the best dedicated run at each rank (same prompts
+resampled). `refine` measures how a rank cut from a run improves when trained alone
+(`qdylora refine`); `report` prints the final tables in Markdown.
 
     .venv/bin/python bench/rank_search_variants.py queue --steps 40 --sides ... --lrs ... [--ranks ...] [--front]
     .venv/bin/python bench/rank_search_variants.py train --steps 40 [--workers 2]   # runs the queue
-    .venv/bin/python bench/rank_search_variants.py final --steps 40
+    .venv/bin/python bench/rank_search_variants.py final --steps 40 [--sides qlora,rslora,const]
+    .venv/bin/python bench/rank_search_variants.py refine --steps 40 --refine-side svd_qlora --refine-lr 1e-3 --refine-ranks 1
+    .venv/bin/python bench/rank_search_variants.py report --steps 40
     .venv/bin/python bench/rank_search_variants.py status --steps 40
     (--quick: 2 steps, 4 prompts, one lr; writes rank_search_variants_quick.json)
 
 Timing: each job records its training seconds and seconds per step, but the grid runs beside
-other work; cost ratios are measured separately and interleaved (bench/step_time.py).
+other work; cost ratios are measured separately and interleaved (bench/recipe_cost.py).
 """
 from __future__ import annotations
 

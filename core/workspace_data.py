@@ -428,8 +428,8 @@ TRAIN_LIMITS = {
     "lr": (1e-7, 0.1), "max_length": (16, 8192), "grad_accum": (1, 256), "ranks_per_step": (1, 256),
 }
 # The recommended (default) method first: the evidence is in bench/README.md §6.
-METHOD_LABELS = {"svd": "SVD truncation (recommended): one LoRA at r_max, each rank cut from it",
-                 "qdylora": "QDyLoRA: one run samples a rank each step"}
+METHOD_LABELS = {"qdylora": "QDyLoRA (recommended): one run samples a rank each step",
+                 "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
 SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
                 "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)"}
 

@@ -534,10 +534,11 @@ CLI_CASES = [
     (QDYLORA + ["--distill", "nan", "--extra-ranks", "max"], ["distill", "finite"]),
     (QDYLORA + ["--distill", "2", "--extra-ranks", "max"], ["distill"]),
     (QDYLORA + ["--update", "frozen", "--ranks-per-step", "2"], ["frozen"]),
-    # the default method (svd) trains one adapter at r_max: sampling options are refused, never dropped
-    (TRAIN + ["--rank-sampling", "high"], ["rank_sampling applies to method qdylora only"]),
-    (TRAIN + ["--ranks-per-step", "2", "--extra-ranks", "max"], ["ranks_per_step, extra_ranks apply to method qdylora only"]),
-    (TRAIN + ["--update", "frozen"], ["update applies to method qdylora only"]),
+    # method svd trains one adapter at r_max: sampling options are refused, never dropped
+    (TRAIN + ["--method", "svd", "--rank-sampling", "high"], ["rank_sampling applies to method qdylora only"]),
+    (TRAIN + ["--method", "svd", "--ranks-per-step", "2", "--extra-ranks", "max"],
+     ["ranks_per_step, extra_ranks apply to method qdylora only"]),
+    (TRAIN + ["--method", "svd", "--update", "frozen"], ["update applies to method qdylora only"]),
     (TRAIN + ["--init-from", "{run}"], ["init_from and init_rank go together"]),
     (TRAIN + ["--init-from", "{unfinished}", "--init-rank", "2", "--r-max", "2"], ["has not finished", "cancelled"]),
     (TRAIN + ["--init-from", "{run}", "--init-rank", "3", "--r-max", "2"], ["must have r_max 3"]),
