@@ -64,6 +64,12 @@ def test_sweep_writes_summary_per_prompt_and_recommendation(run_dir, tmp_path):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("rank_done") == 4
     assert all("eta_s" in e for e in events if e["event"] == "prompt")
+    # the pages' reader takes the sweep's own table back, words and all
+    from core.evaluation.summary import read_per_prompt, read_summary
+
+    table = read_summary(tmp_path / "sweep")
+    assert list(table["rank"]) == [0, 1, 2, 4] and set(table["quality_path"]) <= {"merged", "unmerged", ""}
+    assert len(read_per_prompt(tmp_path / "sweep")) == 16
 
 
 def test_cancelled_sweep_keeps_finished_ranks_and_resumes(run_dir, tmp_path, cli_in_process):

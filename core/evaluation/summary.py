@@ -62,13 +62,17 @@ def _read_rows(folder: Path, name: str) -> tuple[Path, list[str], list[list[str]
     return path, header, body
 
 
-def _table(path: Path, header: list[str], body: list[list[str]], numeric) -> dict[str, list]:
-    """Columns of the rows; the `numeric` ones (all when None) as numbers, NaN for empty
-    cells, ranks as ints >= 0."""
+# summary.csv columns that hold words, not numbers
+SUMMARY_TEXT = frozenset({"quality_path"})
+
+
+def _table(path: Path, header: list[str], body: list[list[str]], numeric, words=frozenset()) -> dict[str, list]:
+    """Columns of the rows; the `numeric` ones (all but `words` when None) as numbers, NaN for
+    empty cells, ranks as ints >= 0."""
     table: dict[str, list] = {h: [] for h in header}
     for n, row in enumerate(body, start=1):
         for name, text in zip(header, row):
-            if numeric is not None and name not in numeric:
+            if (numeric is not None and name not in numeric) or name in words:
                 table[name].append(text)
                 continue
             try:
@@ -87,9 +91,9 @@ def _table(path: Path, header: list[str], body: list[list[str]], numeric) -> dic
 
 def read_summary(sweep_dir: str | Path) -> pd.DataFrame:
     """summary.csv of a sweep as a table sorted by rank (ranks are ints, every other column
-    numeric, empty cells NaN). UserError naming the file, the row and the problem otherwise."""
+    numeric but the words of SUMMARY_TEXT, empty cells NaN). UserError naming the file, the row and the problem otherwise."""
     path, header, body = _read_rows(Path(sweep_dir), SUMMARY_FILE)
-    table = _table(path, header, body, None)
+    table = _table(path, header, body, None, words=SUMMARY_TEXT)
     seen: set[int] = set()
     for rank in table["rank"]:
         if rank in seen:
