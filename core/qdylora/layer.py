@@ -26,13 +26,15 @@ def is_adaptable_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_linear4bit(module)
 
 
-def add_low_rank(result: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def add_low_rank(result: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float, fused: bool = True) -> torch.Tensor:
     """result + scale · z Bᵀ, as one matrix product that adds into `result` when the dtypes allow.
 
     The same sum as `result + F.linear(z, B) * scale` up to float rounding, without the two
     extra passes (scaling, adding) over the layer's whole output, forward and backward.
+    fused=False computes it in PEFT's order, so that an exported adapter reproduces our
+    outputs bit for bit (a scale that is not a power of two rounds differently when fused).
     """
-    if result.dtype == z.dtype and result.dim() >= 2:
+    if fused and result.dtype == z.dtype and result.dim() >= 2:
         out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale)
         return out.view(result.shape)
     return result + (F.linear(z, b) * scale).to(result.dtype)
@@ -94,7 +96,8 @@ class DynamicRankLoRALinear(nn.Module):
             return result
         a, bm = self.active_factors()
         h = self.dropout(x.to(a.dtype))
-        return add_low_rank(result, F.linear(h, a), bm, self.scale(b))
+        # Training takes the fused sum (speed); inference PEFT's order (exported adapters match exactly).
+        return add_low_rank(result, F.linear(h, a), bm, self.scale(b), fused=self.training)
 
     def _per_example_z(self, x: torch.Tensor) -> torch.Tensor:
         """A[:b_max] dropout(x), each example's rows masked and scaled by its own rank."""
