@@ -285,6 +285,12 @@ def test_refine_starts_from_exactly_the_parent_rank(tiny_model_dir, small_train_
     parent = _completed_run(tiny_model_dir, small_train_file, tmp_path / "parent", **parent_kwargs)
     cfg = refine_config(parent, 3, steps=2, out=tmp_path / "refined", lr=5e-4)
     assert (cfg.r_max, cfg.rank_list, cfg.init_rank, cfg.lr, cfg.steps) == (3, [3], 3, 5e-4, 2)
+    # unless asked, polishing takes the parent's lr capped at REFINE_LR (the full lr first undoes the cut)
+    config = json.loads((parent / "config.json").read_text())
+    for parent_lr, expected in ((3e-3, 1e-3), (1e-4, 1e-4)):
+        config["train"]["lr"] = parent_lr
+        (parent / "config.json").write_text(json.dumps(config))
+        assert refine_config(parent, 3, steps=2, out=tmp_path / "unused").lr == expected
     ours = load_run(parent)
     set_rank(ours.model, 3)
     from core.models import load_base_model
