@@ -23,9 +23,9 @@ LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on 
 LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Default: QDyLoRA with one constant scale, lr 3e-3, α 16 — the best one-run recipe on the sample data "
-                   "at 40 steps: answers as good as a dedicated QLoRA run's at most ranks and NLL within 1–8 % on new "
+                   "at 40 steps: answers as good as a dedicated QLoRA run's at most ranks and NLL within 0.5–8 % on new "
                    "wordings (5–27 % on verbatim recall); SVD truncation has lower NLL but weaker answers at ranks 1–8; "
-                   "version 1's α/b at lr 2e-4 was 40–150 % worse (bench/README.md §6).")
+                   "version 1's α/b at lr 2e-4 was 39–147 % worse (bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
 RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
