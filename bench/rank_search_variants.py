@@ -678,7 +678,7 @@ def report_phase(args) -> None:
                 if g is None:
                     cells.append("—")
                     continue
-                own = fin["rows"][s if s != "today" else "today"][r]["rouge_l"]
+                own = fin["rows"][s][r]["rouge_l"]
                 d = g["rouge_diff"]
                 cells.append(f"{own:.3f} ({d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])")
             print(f"| {r} | {fin['rows'][peer][r]['rouge_l']:.3f} | " + " | ".join(cells) + " |")

@@ -71,6 +71,13 @@ def warm_start_state(parent_dir: str | Path, rank: int, new_cfg: QDyLoRAConfig) 
 REFINE_LR = 1e-3   # the default polishing lr, unless the parent trained lower
 
 
+def default_refine_lr(parent_train: dict) -> float:
+    """The lr a polish run takes unless asked: the parent's, at most REFINE_LR."""
+    # Polishing at the parent's full lr first undoes the cut; at most REFINE_LR reached a dedicated
+    # run on recall within 10 steps (bench/README.md §6.3).
+    return min(float(parent_train.get("lr", REFINE_LR)), REFINE_LR)
+
+
 def refine_config(run: str | Path, rank: int, steps: int, out: str | Path, **overrides) -> TrainConfig:
     """A TrainConfig that continues `run`'s rank b alone, inheriting the parent's recipe unless overridden."""
     config, qcfg = _parent(run)
@@ -78,9 +85,7 @@ def refine_config(run: str | Path, rank: int, steps: int, out: str | Path, **ove
         raise UserError(f"rank must be an integer in 1..{qcfg.r_max} (the run's r_max), got {rank!r}")
     parent = config["train"]
     values = {name: parent[name] for name in INHERITED if name in parent}
-    # Polishing at the parent's full lr first undoes the cut; at most REFINE_LR reached a dedicated
-    # run on recall within 10 steps (bench/README.md §6.3).
-    values["lr"] = min(values.get("lr", REFINE_LR), REFINE_LR)
+    values["lr"] = default_refine_lr(parent)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(
         **values, out=str(out), steps=steps, r_max=rank, rank_sampling="list", rank_list=[rank],

@@ -10,7 +10,7 @@ from core import workspace_data as wd
 from core.errors import UserError
 from core.evaluation.recommend import METRICS
 from core.rank_card import rank_card_markdown
-from core.refine import REFINE_LR
+from core.refine import default_refine_lr
 
 st.title("Export a rank")
 store = ui.store()
@@ -138,7 +138,7 @@ with st.expander(f"Polish rank {int(rank)} before exporting it", icon=":material
     c = st.columns([1, 1, 2], vertical_alignment="bottom")
     # ui.number_field: out-of-range entries reach refine_problems below instead of staying in the browser.
     polish_steps = ui.number_field(c[0], "Extra steps", 40, wd.TRAIN_LIMITS["steps"], key=f"polish-steps-{run.id}", step=1)
-    polish_lr = ui.number_field(c[1], "Learning rate", min(float((view.config or {}).get("train", {}).get("lr", REFINE_LR)), REFINE_LR),
+    polish_lr = ui.number_field(c[1], "Learning rate", default_refine_lr((view.config or {}).get("train", {})),
                                 wd.TRAIN_LIMITS["lr"], key=f"polish-lr-{run.id}", format="%.5f")
     polish_problems = wd.refine_problems(rank, polish_steps, polish_lr, r_max)
     for p in polish_problems:
