@@ -431,7 +431,9 @@ TRAIN_LIMITS = {
 METHOD_LABELS = {"qdylora": "QDyLoRA (recommended): one run samples a rank each step",
                  "svd": "SVD truncation: one LoRA at r_max, each rank cut from it"}
 SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
-                "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)"}
+                "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)",
+                "alpha/i": "α / i per row (each row keeps its scale at every rank, so low ranks learn fast)",
+                "alpha/sqrt(i)": "α / √i per row (row i keeps its scale at every rank)"}
 
 
 def _recipe_defaults() -> dict:

@@ -20,7 +20,9 @@ PROMPTS = ["What does the QB-100 cost?", "How long is the warranty on a kettle?"
 
 # Every scale rule (and the SVD method, used with the constant rule) over both bases.
 RULES = [("none", "alpha/b"), ("nf4", "alpha/b"), ("none", "alpha/sqrt(b)"), ("nf4", "alpha/sqrt(b)"),
-         ("none", "constant"), ("nf4", "constant"), ("none", "svd"), ("nf4", "svd")]
+         ("none", "constant"), ("nf4", "constant"), ("none", "svd"), ("nf4", "svd"), ("none", "alpha/i"), ("nf4", "alpha/i")]
+# Exported as rows at the constant scale with each row's factor folded into B (truncation.fold_row_scales).
+USED_AS_CONSTANT = ("svd", "alpha/i", "alpha/sqrt(i)")
 
 
 def _random_run(tmp_path_factory, tiny_model_dir, small_train_file, quant, rule):
@@ -71,7 +73,7 @@ def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
     expected_alpha = {"alpha/b": 16.0, "alpha/sqrt(b)": 16.0, "constant": 16.0 / 8 ** 0.5 * rank}[card["scale_rule"]]
     assert config["r"] == rank and config["lora_alpha"] == pytest.approx(expected_alpha)
     assert config["use_rslora"] is (card["scale_rule"] == "alpha/sqrt(b)")
-    assert card["scale_rule"] == ("constant" if trained["method"] == "svd" else trained["scale"])
+    assert card["scale_rule"] == ("constant" if trained["method"] == "svd" or trained["scale"] in USED_AS_CONSTANT else trained["scale"])
     assert config["peft_type"] == "LORA"
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)

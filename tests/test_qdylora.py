@@ -233,7 +233,7 @@ def test_peft_scale_fields_give_peft_the_same_scale(rule, rank):
     assert model.base_model.model.block[0].scaling["default"] == pytest.approx(lora_scale(16.0, rank, rule, r_max=8))
 
 
-@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant"])
+@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant", "alpha/i", "alpha/sqrt(i)"])
 def test_each_example_at_its_own_rank_equals_separate_forwards(rule):
     from core.qdylora.inject import set_example_ranks
 
@@ -321,3 +321,64 @@ def test_svd_method_trains_at_r_max_only_and_is_used_with_the_constant_scale():
 def test_method_option_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QDyLoRAConfig(**kwargs)
+
+
+def test_per_row_rules_give_each_row_its_own_scale_at_every_rank():
+    from core.qdylora.config import row_scales
+
+    assert row_scales(16.0, 4, "alpha/i") == [16.0, 8.0, 16.0 / 3, 4.0]
+    assert row_scales(16.0, 4, "alpha/sqrt(i)") == pytest.approx([16.0, 16 / 2 ** 0.5, 16 / 3 ** 0.5, 8.0])
+    assert row_scales(16.0, 2, "alpha/i") == row_scales(16.0, 8, "alpha/i")[:2]      # a row's scale does not depend on b
+    assert row_scales(16.0, 3, "constant", r_max=16) == [4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="row_scales"):
+        lora_scale(16.0, 2, "alpha/i", r_max=8)
+
+
+@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)"])
+def test_per_row_layer_computes_the_sum_of_its_scaled_rows(rule):
+    from core.qdylora.config import row_scales
+
+    torch.manual_seed(0)
+    layer = DynamicRankLoRALinear(nn.Linear(10, 7), r_max=6, alpha=16.0, scale_rule=rule).double()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    s = row_scales(16.0, 6, rule)
+    for b in (1, 2, 6):
+        layer.active_rank = b
+        expected = sum(s[i] * torch.outer(layer.lora_B[:, i], layer.lora_A[i]) for i in range(b))
+        torch.testing.assert_close(layer.delta_weight(b), expected)
+        for training in (True, False):
+            layer.train(training)
+            torch.testing.assert_close(layer(x), layer.base(x) + x @ expected.T)
+
+
+@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)"])
+def test_per_row_runs_fold_into_the_constant_scale_with_the_same_update_at_every_rank(rule):
+    from core.qdylora.config import inference_config
+    from core.qdylora.truncation import inference_adapter_state
+
+    torch.manual_seed(0)
+    trained_cfg = QDyLoRAConfig(r_max=6, scale=rule, dropout=0.0)
+    trained, used = TwoLayer(), TwoLayer()
+    used.load_state_dict(trained.state_dict())
+    inject_qdylora(trained, trained_cfg)
+    for layer in qdylora_layers(trained).values():
+        nn.init.normal_(layer.lora_B)
+    inference = inference_config(trained_cfg)
+    assert inference.scale == "constant" and trained_cfg.scale == rule
+    inject_qdylora(used, inference)
+    trained.double(), used.double()   # so that only the order of the products differs
+    state = inference_adapter_state(adapter_state_dict(trained), trained_cfg)
+    for name, layer in qdylora_layers(used).items():
+        layer.lora_A.data.copy_(state[f"{name}.lora_A"])
+        layer.lora_B.data.copy_(state[f"{name}.lora_B"])
+    x = torch.randn(2, 8, dtype=torch.float64)
+    for b in (1, 3, 6):
+        set_rank(trained, b)
+        set_rank(used, b)
+        torch.testing.assert_close(trained(x), used(x))
+
+
+def test_per_row_rules_are_refused_with_method_svd():
+    with pytest.raises(ValueError, match="scale applies to method qdylora only"):
+        QDyLoRAConfig(r_max=8, method="svd", scale="alpha/i")

@@ -9,13 +9,18 @@ from core.validation import number_problem
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
-SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant")
+SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant", "alpha/sqrt(i)", "alpha/i")
+# Rules that scale each row i of the adapter by its own factor, the same at every active rank b:
+# rank b's update is sum_{i<=b} s_i B_i A_i (low rows learn faster under Adam, as a dedicated low-rank run would).
+PER_ROW_RULES = {"alpha/sqrt(i)": lambda i: 1.0 / math.sqrt(i), "alpha/i": lambda i: 1.0 / i}
 EXTRA_RANKS_CHOICES = ("none", "max", "min_max")
 METHOD_CHOICES = ("qdylora", "svd")
 # Runs written before the scale rule existed were trained with DyLoRA's alpha/b.
 LEGACY_SCALE = "alpha/b"
 # An svd run's adapter is rewritten as singular directions used at one constant scale (truncation.py).
 INFERENCE_SCALE_OF_SVD = "constant"
+# Per-row runs are used (exported, merged, refined) as rows at the constant scale with each row's factor folded into B.
+INFERENCE_SCALE_OF_ROWS = "constant"
 # The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
 METHOD_SCALE = {"qdylora": "constant", "svd": "alpha/b"}
 
@@ -27,7 +32,7 @@ def _svd_problems(cfg) -> list[str]:
         ("rank_sampling", cfg.rank_sampling not in ("uniform", "list") or (cfg.rank_sampling == "list" and cfg.rank_list != as_trained)),
         ("rank_list", cfg.rank_list is not None and cfg.rank_list != as_trained),
         ("ranks_per_step", cfg.ranks_per_step != 1), ("extra_ranks", cfg.extra_ranks != "none"),
-        ("distill", cfg.distill != 0), ("update", cfg.update != "full")) if given]
+        ("distill", cfg.distill != 0), ("update", cfg.update != "full"), ("scale", cfg.scale in PER_ROW_RULES)) if given]
     if not asked:
         return []
     return [f"{', '.join(asked)} {'applies' if len(asked) == 1 else 'apply'} to method qdylora only (method svd trains "
@@ -55,7 +60,7 @@ class QDyLoRAConfig(ConfigDict):
     )
     scale: str | None = field(
         default=None,
-        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum); None = the method's measured best (METHOD_SCALE)."},
+        metadata={"help": "Scale at active rank b: alpha/b (DyLoRA, plain LoRA), alpha/sqrt(b) (rsLoRA), constant (alpha/sqrt(r_max) at every b, so lower ranks are prefixes of the same sum); alpha/i, alpha/sqrt(i): row i scaled by alpha/i (alpha/sqrt(i)) at every b, so low rows learn faster; None = the method's measured best (METHOD_SCALE)."},
     )
     ranks_per_step: int = field(
         default=1,
@@ -122,9 +127,15 @@ class QDyLoRAConfig(ConfigDict):
 
 
 def inference_config(cfg: QDyLoRAConfig) -> QDyLoRAConfig:
-    """The config that describes the adapter as it is used after training (scale rule included)."""
+    """The config that describes the adapter as it is used after training (scale rule included).
+
+    SVD runs and per-row rules are used in one form: rows at the constant scale, each row's own
+    factor folded into B (truncation.inference_adapter_state), so PEFT, merge and refine need one scale.
+    """
     if cfg.method == "svd":
         return replace(cfg, scale=INFERENCE_SCALE_OF_SVD)
+    if cfg.scale in PER_ROW_RULES:
+        return replace(cfg, scale=INFERENCE_SCALE_OF_ROWS)
     return cfg
 
 
@@ -133,7 +144,8 @@ def lora_scale(alpha: float, rank: int, rule: str = "alpha/b", r_max: int | None
 
     alpha/b: DyLoRA and PEFT's default; alpha/sqrt(b): rsLoRA (PEFT use_rslora); constant:
     alpha/sqrt(r_max) at every b (rsLoRA's scale at the full rank), so rank b's update is the
-    sum of the first b rank-one terms, as in a truncated SVD.
+    sum of the first b rank-one terms, as in a truncated SVD. The per-row rules (alpha/i,
+    alpha/sqrt(i)) have no single scale: see row_scales.
     """
     if rank <= 0:
         return 0.0
@@ -141,11 +153,23 @@ def lora_scale(alpha: float, rank: int, rule: str = "alpha/b", r_max: int | None
         return float(alpha) / float(rank)
     if rule == "alpha/sqrt(b)":
         return float(alpha) / math.sqrt(rank)
+    if rule in PER_ROW_RULES:
+        raise ValueError(f"scale rule {rule!r} gives each row its own scale: use row_scales")
     if rule == "constant":
         if r_max is None:
             raise ValueError("the constant scale rule needs r_max")
         return float(alpha) / math.sqrt(r_max)
     raise ValueError(f"unknown scale rule {rule!r}; expected one of {', '.join(SCALE_CHOICES)}")
+
+
+def row_scales(alpha: float, rank: int, rule: str, r_max: int | None = None) -> list[float]:
+    """The scale of each of the first `rank` rows at active rank b = rank (one value per row).
+
+    For the per-row rules row i keeps alpha·f(i) at every b; for the others every row gets lora_scale(b).
+    """
+    if rule in PER_ROW_RULES:
+        return [float(alpha) * PER_ROW_RULES[rule](i) for i in range(1, rank + 1)]
+    return [lora_scale(alpha, rank, rule, r_max)] * max(rank, 0)
 
 
 def peft_scale_fields(alpha: float, rank: int, rule: str, r_max: int) -> dict:

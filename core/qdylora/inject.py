@@ -91,7 +91,8 @@ def set_example_ranks(model: nn.Module, ranks: list[int]) -> None:
     b_max = max(ranks)
     coeff = torch.zeros(len(ranks), b_max, dtype=first.lora_A.dtype, device=first.lora_A.device)
     for i, b in enumerate(ranks):
-        coeff[i, :b] = first.scale(b)
+        rows = first.row_scale(b)
+        coeff[i, :b] = first.scale(b) if rows is None else rows
     for layer in layers.values():
         layer.active_rank = b_max
         layer.rank_coeff = coeff

@@ -1,4 +1,4 @@
-"""The dynamic-rank LoRA layer: h = W0 x + s(b) B[:, :b] A[:b] dropout(x)."""
+"""The dynamic-rank LoRA layer: h = W0 x + s(b) B[:, :b] A[:b] dropout(x) (per-row rules: Σ_{i≤b} s_i B_i A_i x)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.qdylora.config import lora_scale
+from core.qdylora.config import PER_ROW_RULES, lora_scale, row_scales
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -62,6 +62,7 @@ class DynamicRankLoRALinear(nn.Module):
         self.scale_rule = scale_rule
         self.active_rank = r_max
         self.rank_coeff: torch.Tensor | None = None
+        self._row_scale_cache: tuple | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device
         # Adapters stay float32 even over a bf16/NF4 base: they are small and are what learns.
@@ -76,6 +77,17 @@ class DynamicRankLoRALinear(nn.Module):
 
     def scale(self, rank: int | None = None) -> float:
         return lora_scale(self.alpha, self.active_rank if rank is None else rank, self.scale_rule, self.r_max)
+
+    def row_scale(self, rank: int | None = None) -> torch.Tensor | None:
+        """Per-row scales of the first b rows under a per-row rule (None under a one-scale rule)."""
+        if self.scale_rule not in PER_ROW_RULES:
+            return None
+        b = self.active_rank if rank is None else rank
+        key = (self.scale_rule, self.alpha, b, self.lora_A.device, self.lora_A.dtype)
+        if self._row_scale_cache is None or self._row_scale_cache[0] != key:
+            values = torch.tensor(row_scales(self.alpha, b, self.scale_rule, self.r_max), dtype=self.lora_A.dtype, device=self.lora_A.device)
+            self._row_scale_cache = (key, values)
+        return self._row_scale_cache[1]
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:b] and B[:, :b] for the active rank, with rows that must not learn detached."""
@@ -96,6 +108,9 @@ class DynamicRankLoRALinear(nn.Module):
             return result
         a, bm = self.active_factors()
         h = self.dropout(x.to(a.dtype))
+        rows = self.row_scale(b)
+        if rows is not None:
+            return add_low_rank(result, F.linear(h, a) * rows, bm, 1.0, fused=self.training)
         # Training takes the fused sum (speed); inference PEFT's order (exported adapters match exactly).
         return add_low_rank(result, F.linear(h, a), bm, self.scale(b), fused=self.training)
 
@@ -114,6 +129,9 @@ class DynamicRankLoRALinear(nn.Module):
         b = self.active_rank if rank is None else rank
         if b == 0:
             return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
+        rows = self.row_scale(b)
+        if rows is not None:
+            return (self.lora_B[:, :b] * rows) @ self.lora_A[:b]
         return (self.lora_B[:, :b] @ self.lora_A[:b]) * self.scale(b)
 
     def base_weight_float(self) -> torch.Tensor:

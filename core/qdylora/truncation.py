@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from core.qdylora.config import INFERENCE_SCALE_OF_SVD, QDyLoRAConfig, inference_config, lora_scale  # noqa: F401
+from core.qdylora.config import (INFERENCE_SCALE_OF_ROWS, INFERENCE_SCALE_OF_SVD, PER_ROW_RULES, QDyLoRAConfig,  # noqa: F401
+                                 inference_config, lora_scale, row_scales)
 
 
 def svd_ordered_factors(a: torch.Tensor, b: torch.Tensor, scale_from: float, scale_to: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +34,8 @@ def svd_ordered_factors(a: torch.Tensor, b: torch.Tensor, scale_from: float, sca
 
 def inference_adapter_state(state: dict[str, torch.Tensor], cfg: QDyLoRAConfig) -> dict[str, torch.Tensor]:
     """The trained adapter (keys '<module>.lora_A' / '.lora_B' at r_max) as used at every rank b."""
+    if cfg.scale in PER_ROW_RULES:
+        return fold_row_scales(state, cfg)
     if cfg.method != "svd":
         return state
     scale_from = lora_scale(cfg.alpha, cfg.r_max, cfg.scale, cfg.r_max)
@@ -44,4 +47,17 @@ def inference_adapter_state(state: dict[str, torch.Tensor], cfg: QDyLoRAConfig) 
         module = key[: -len(".lora_A")]
         out[f"{module}.lora_A"], out[f"{module}.lora_B"] = svd_ordered_factors(
             state[key], state[f"{module}.lora_B"], scale_from, scale_to)
+    return out
+
+
+def fold_row_scales(state: dict[str, torch.Tensor], cfg: QDyLoRAConfig) -> dict[str, torch.Tensor]:
+    """Per-row scales s_i moved into B: s · B'[:, i] = s_i · B[:, i] with s the constant scale, so every
+    prefix b computes the same update as trained (the rows' factors do not depend on b)."""
+    to = lora_scale(cfg.alpha, cfg.r_max, INFERENCE_SCALE_OF_ROWS, cfg.r_max)
+    factors = torch.tensor(row_scales(cfg.alpha, cfg.r_max, cfg.scale, cfg.r_max), dtype=torch.float64) / to
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_B"):
+            tensor = (tensor.double() * factors[: tensor.shape[1]]).to(tensor.dtype)
+        out[key] = tensor
     return out
