@@ -7,7 +7,9 @@ checkpoints store them in bfloat16, so the float32 copy holds nothing the 16-bit
 does not: `store_frozen_embeddings_16bit` keeps them in 16 bits (only when that is
 exact, value for value) and widens them where they are used, so every result is
 unchanged. `release_freed_memory` hands the heap that loading and quantizing left
-behind back to the operating system.
+behind back to the operating system, and `map_large_blocks` keeps the large temporaries
+of training (a 4-bit layer's weight dequantized for one product) out of the heap, where
+glibc's adaptive threshold otherwise lets them fragment it.
 """
 from __future__ import annotations
 
@@ -82,5 +84,24 @@ def release_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(name)
         return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+# glibc's mallopt parameter for the size from which a block gets its own mapping.
+M_MMAP_THRESHOLD = -3
+# Blocks this large are mapped and unmapped on their own: a 4-bit base dequantizes each weight
+# (MiBs) for every product, and glibc's adaptive threshold (rising to 32 MiB after the first such
+# block is freed) would otherwise put them in the heap, where their holes outlive them
+# (1 B Llama NF4: training peak 3052 → 2540 MiB, bench/README.md §2).
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Fix glibc's mmap threshold (large blocks get their own mapping, returned when freed); False without glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError, TypeError):
         return False

@@ -23,7 +23,7 @@ from core.errors import RunError, TrainingDiverged, UserError
 from core.eta import MovingRate
 from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
 from core.lm_loss import LossOutput, causal_lm_loss, fused_head_supported, model_loss
-from core.lowmem import release_freed_memory, store_frozen_embeddings_16bit
+from core.lowmem import map_large_blocks, release_freed_memory, store_frozen_embeddings_16bit
 from core.models import ResolvedModel, load_base_model, pick_device, resolve_model
 from core.packing import pack
 from core.preflight import check_output_folder, check_target_modules, make_output_folder
@@ -312,6 +312,7 @@ class Trainer:
         else:  # the launcher and the main process checked the folder; only the main one writes it
             data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         torch.manual_seed(self.cfg.seed)
+        map_large_blocks()  # dequantized weights in their own mappings: no heap holes (core.lowmem)
         self.model, self.tokenizer, self.resolved = load_base_model(self.cfg.model_spec())
         # With a 4-bit base the float embeddings/head are most of the weights; 16 bits hold them exactly (core.lowmem).
         self.narrowed = store_frozen_embeddings_16bit(self.model) if self.resolved.quant != "none" else {}
