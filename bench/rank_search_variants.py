@@ -69,6 +69,9 @@ RECIPES: dict[str, dict] = {
     "const_k4": {"scale": "constant", "rank_sampling": "uniform", "ranks_per_step": 4},
     "sqrt_high_k4": {"scale": "alpha/sqrt(b)", "rank_sampling": "high", "ranks_per_step": 4},
     "const_high_k4": {"scale": "constant", "rank_sampling": "high", "ranks_per_step": 4},
+    "rowsqrt": {"scale": "alpha/sqrt(i)", "rank_sampling": "uniform"},
+    "rowinv": {"scale": "alpha/i", "rank_sampling": "uniform"},
+    "rowinv_high": {"scale": "alpha/i", "rank_sampling": "high"},
     "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},
     "sqrt_sandwich_kd": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max", "distill": 0.5},
 }
@@ -436,6 +439,21 @@ def best_lrs(table: dict) -> dict:
     return out
 
 
+def one_lr_choice(table: dict, sides: list[str]) -> dict:
+    """{side: lr} for one-run recipes: the one lr a default must use on every set (lowest mean NLL over sets and ranks)."""
+    out = {}
+    for side in sides:
+        if side in DEDICATED or side in SVD_OF:
+            continue
+        per_set = [table.get(s, {}).get(side, {}) for s in SETS]
+        lrs = set.intersection(*(set(by_lr) for by_lr in per_set)) if all(per_set) else set()
+        cands = [(sum(sum(by_lr[lr][r] for r in RANKS) / len(RANKS) for by_lr in per_set) / len(per_set), lr)
+                 for lr in lrs if all(all(r in by_lr[lr] for r in RANKS) for by_lr in per_set)]
+        if cands:
+            out[side] = min(cands)[1]
+    return out
+
+
 def final_phase(args) -> None:
     """Full-set NLL and ROUGE-L of each side's best-lr models, paired gaps, JSON + chart."""
     import torch
@@ -461,7 +479,9 @@ def final_phase(args) -> None:
     adapters = root(args.steps, args.quick) / "adapters"
     # Today's defaults (shipped at lr 2e-4) may not have been run at this length.
     has_today = (adapters / f"{job_id('shipped', TODAY['lr'])}.safetensors").is_file()
+    one_lr = one_lr_choice(table, [s for s in args.sides if s in RECIPES])
     needed = sorted({(side, lr, r) for sides in choice.values() for side, by_rank in sides.items() for r, lr in by_rank.items()}
+                    | {(side, lr, r) for side, lr in one_lr.items() for r in RANKS}
                     | ({("shipped", TODAY["lr"], r) for r in RANKS} if has_today else set()))
     for side, lr, r in needed:
         key = f"{side}|{lr:g}|{r}"
@@ -507,25 +527,27 @@ def final_phase(args) -> None:
             cands = [(rows[s][r]["nll"], s) for s in DEDICATED if s in rows and r in rows[s]]
             if cands:
                 peers[r] = min(cands)[1]
+        def gap_to_peer(key: str, r: int) -> dict:
+            ours = cache[key][set_name]
+            theirs = cache[f"{peers[r]}|{sides[peers[r]][r]:g}|{r}"][set_name]
+            gap = paired_gap({"nll_sums": ours["sums"], "nll_counts": ours["counts"]},
+                             {"nll_sums": theirs["sums"], "nll_counts": theirs["counts"]}, 2000)
+            diff = [a - b for a, b in zip(ours["rouge"], theirs["rouge"])]
+            return {"peer": peers[r], "nll_gap": gap, "rouge_diff": vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0))}
+
         gaps = {}
         today = {r: TODAY["lr"] for r in RANKS}
         for side, by_rank in [*sides.items(), *([("today", today)] if has_today else [])]:
             if side in DEDICATED:
                 continue
-            gaps[side] = {}
-            for r, lr in by_rank.items():
-                if r not in peers:
-                    continue
-                peer = sides[peers[r]][r]
-                ours = cache[f"{'shipped' if side == 'today' else side}|{lr:g}|{r}"][set_name]
-                theirs = cache[f"{peers[r]}|{peer:g}|{r}"][set_name]
-                gap = paired_gap({"nll_sums": ours["sums"], "nll_counts": ours["counts"]},
-                                 {"nll_sums": theirs["sums"], "nll_counts": theirs["counts"]}, 2000)
-                diff = [a - b for a, b in zip(ours["rouge"], theirs["rouge"])]
-                gaps[side][r] = {"peer": peers[r], "nll_gap": gap, "rouge_diff": vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0))}
+            gaps[side] = {r: gap_to_peer(f"{'shipped' if side == 'today' else side}|{lr:g}|{r}", r)
+                          for r, lr in by_rank.items() if r in peers}
+        # A default has one lr for every set: each recipe at its one best lr (one_lr_choice), the same peers.
+        gaps_one_lr = {side: {r: gap_to_peer(f"{side}|{lr:g}|{r}", r) | {"lr": lr} | summary(cache[f"{side}|{lr:g}|{r}"][set_name])
+                              for r in RANKS if r in peers} for side, lr in one_lr.items()}
         base_full = base["full"][set_name]["0"]
         first = len(base_full["sums"]) - len(full[set_name])     # the held-out rest of the full set
-        per_set[set_name] = {"rows": rows, "best_peer": peers, "gaps": gaps,
+        per_set[set_name] = {"rows": rows, "best_peer": peers, "gaps": gaps, "gaps_one_lr": gaps_one_lr,
                              "base_nll": sum(base_full["sums"][first:]) / sum(base_full["counts"][first:]),
                              "prompts": len(full[set_name]), "prompts_in_lr_search": SEARCH_PROMPTS}
     cost = {side: {"median_step_s": common.med([j["median_step_s"] for j in jobs if j["job"]["side"] == side and j.get("median_step_s")]),
@@ -538,7 +560,7 @@ def final_phase(args) -> None:
                    "final_prompts": "the held-out rest of each set (not used to pick learning rates)",
                    "gen_prompts_per_set": GEN_PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "today": TODAY, "target_gap": TARGET_GAP},
         "search": {s: {side: {f"{lr:g}": v for lr, v in by_lr.items()} for side, by_lr in sides.items()} for s, sides in table.items()},
-        "best_lr": choice, "base_search": {s: v["0"]["nll"] for s, v in base["search"].items()},
+        "best_lr": choice, "one_lr": one_lr, "base_search": {s: v["0"]["nll"] for s, v in base["search"].items()},
         "final": per_set, "cost_during_grid": cost,
         "diverged": sorted(j["job"]["id"] for j in jobs if j.get("diverged")),
         "answers": {k: {s: v[s]["answers"][:5] for s in v} for k, v in cache.items()},
@@ -639,7 +661,7 @@ def status_phase(args) -> None:
                 print(f"{side:>18} lr {lr:<7g} " + " ".join(f"{v[r]:7.3f}" if r in v else "      -" for r in RANKS))
 
 
-SIDE_ORDER = ["svd_qlora", "svd_rslora", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
+SIDE_ORDER = ["svd_qlora", "svd_rslora", "rowinv", "rowinv_high", "rowsqrt", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
               "const_high_k4", "shipped", "today"]
 
 
@@ -682,6 +704,19 @@ def report_phase(args) -> None:
                 d = g["rouge_diff"]
                 cells.append(f"{own:.3f} ({d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])")
             print(f"| {r} | {fin['rows'][peer][r]['rouge_l']:.3f} | " + " | ".join(cells) + " |")
+        one = fin.get("gaps_one_lr") or {}
+        one_sides = [s for s in SIDE_ORDER if s in one]
+        if one_sides:
+            print(f"\nOne lr for both sets (what a default uses), {set_name}: NLL gap [95 % CI] / ROUGE-L difference [95 % CI]:\n")
+            print("| rank | " + " | ".join(f"{s} (lr {res['one_lr'][s]:g})" for s in one_sides) + " |")
+            print("|---" * (1 + len(one_sides)) + "|")
+            for r in map(str, RANKS):
+                if r not in fin["best_peer"]:
+                    continue
+                cells = [f"{_pct(one[s][r]['nll_gap'])} / {one[s][r]['rouge_diff']['mean']:+.3f} "
+                         f"[{one[s][r]['rouge_diff']['lo']:+.3f}, {one[s][r]['rouge_diff']['hi']:+.3f}]" if r in one[s] else "—"
+                         for s in one_sides]
+                print(f"| {r} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:

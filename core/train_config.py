@@ -22,10 +22,10 @@ BATCHING = ("packed", "padded")
 LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on padded rows
 LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
-RECIPE_EVIDENCE = ("Default: QDyLoRA with one constant scale, lr 3e-3, α 16 — the best one-run recipe on the sample data "
-                   "at 40 steps: answers as good as a dedicated QLoRA run's at most ranks and NLL within 0.5–8 % on new "
-                   "wordings (5–27 % on verbatim recall); SVD truncation has lower NLL but weaker answers at ranks 1–8; "
-                   "version 1's α/b at lr 2e-4 was 39–147 % worse (bench/README.md §6).")
+RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, lr 3e-3, α 16 — the best one-run recipe on the "
+                   "sample data at 40 steps: NLL within −1…+5 % of a dedicated QLoRA run on new wordings and +2…+12 % on "
+                   "verbatim recall at ranks 1–16 (one constant scale: up to +27 %), answers as good at every rank; SVD "
+                   "truncation has lower NLL at ranks 8–16 but weaker answers at ranks 1–8 (bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
 RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
@@ -43,17 +43,17 @@ class TrainConfig(ConfigDict):
     quant: str = field(default="nf4", metadata={"choices": QUANT_CHOICES, "help": "nf4 (4-bit base, QLoRA) or none (base in compute dtype)."})
     device: str = field(default="auto", metadata={"choices": DEVICE_CHOICES, "help": "auto, cpu or cuda."})
     r_max: int = field(default=64, metadata={"help": "Largest rank; every rank 1..r_max is usable after training."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale at rank b follows the scale rule (alpha/b, alpha/sqrt(b), constant)."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale at rank b follows the scale rule (alpha/b, alpha/sqrt(b), constant, or per row alpha/i, alpha/sqrt(i))."})
     dropout: float = field(default=0.05, metadata={"help": "Adapter input dropout."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Leaf names to adapt; None = all block linears."})
     rank_sampling: str = field(default="uniform", metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
     update: str = field(default="full", metadata={"choices": UPDATE_CHOICES, "help": "full (rows 1..b learn) or frozen (only row b learns)."})
-    scale: str | None = field(default=None, metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b) or constant (see QDyLoRAConfig); unset = the method's measured best."})
+    scale: str | None = field(default=None, metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b), constant, or per row alpha/i, alpha/sqrt(i) (see QDyLoRAConfig); unset = the method's measured best."})
     ranks_per_step: int = field(default=1, metadata={"help": "Ranks per optimizer step (k groups of the step's examples, stratified)."})
     extra_ranks: str = field(default="none", metadata={"choices": EXTRA_RANKS_CHOICES, "help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
     distill: float = field(default=0.0, metadata={"help": "Weight of distilling the sampled rank toward r_max's predictions (needs extra_ranks)."})
-    method: str = field(default="qdylora", metadata={"choices": METHOD_CHOICES, "help": "qdylora (one run samples a rank per step; with the constant scale the measured best overall) or svd (one LoRA at r_max, each rank its truncated SVD: lower NLL, weaker answers at low ranks)."})
+    method: str = field(default="qdylora", metadata={"choices": METHOD_CHOICES, "help": "qdylora (one run samples a rank per step; with per-row scales α/i the measured best overall) or svd (one LoRA at r_max, each rank its truncated SVD: lower NLL, weaker answers at low ranks)."})
     init_from: str | None = field(default=None, metadata={"help": "Run folder whose adapter at rank init_rank warm-starts this run (qdylora refine)."})
     init_rank: int | None = field(default=None, metadata={"help": "Rank taken from init_from (this run's r_max)."})
     steps: int = field(default=200, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})

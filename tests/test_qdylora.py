@@ -218,7 +218,7 @@ def test_runs_saved_before_the_method_option_load_as_the_qdylora_runs_they_were(
     old = TrainConfig.from_dict(saved)
     assert (old.method, old.scale, old.batching, old.rank_sampling) == ("qdylora", "alpha/b", "padded", "high")
     today = TrainConfig(data="d", out="o")
-    assert (today.method, today.scale, today.batching) == ("qdylora", "constant", "packed")   # today's defaults differ
+    assert (today.method, today.scale, today.batching) == ("qdylora", "alpha/i", "packed")   # today's defaults differ
 
 
 @pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant"])

@@ -145,7 +145,7 @@ def test_training_at_one_fixed_rank_equals_a_peft_lora_run_of_that_rank(tiny_mod
     from core.train import Trainer
 
     cfg = tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", r_max=4, rank_sampling="list", rank_list=[2],
-                   dropout=0.0, steps=3, max_grad_norm=0.3, weight_decay=0.01)
+                   dropout=0.0, steps=3, max_grad_norm=0.3, weight_decay=0.01, scale="alpha/b")
     trainer = Trainer(cfg)
     trainer.setup()
     ours = qdylora_layers(trainer.model)
@@ -272,8 +272,8 @@ def test_svd_run_serves_each_rank_as_the_best_approximation_of_its_update(tiny_m
             torch.testing.assert_close(layer.delta_weight(b).double(), best, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("parent_kwargs", [{"scale": "constant"}, {"scale": "alpha/b"}, {"method": "svd"}],
-                         ids=["constant", "alpha_b", "svd"])
+@pytest.mark.parametrize("parent_kwargs", [{"scale": "constant"}, {"scale": "alpha/b"}, {"method": "svd"}, {"scale": "alpha/i"}],
+                         ids=["constant", "alpha_b", "svd", "alpha_i"])
 def test_refine_starts_from_exactly_the_parent_rank(tiny_model_dir, small_train_file, tmp_path, parent_kwargs):
     import torch
 

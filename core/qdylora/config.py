@@ -22,7 +22,7 @@ INFERENCE_SCALE_OF_SVD = "constant"
 # Per-row runs are used (exported, merged, refined) as rows at the constant scale with each row's factor folded into B.
 INFERENCE_SCALE_OF_ROWS = "constant"
 # The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
-METHOD_SCALE = {"qdylora": "constant", "svd": "alpha/b"}
+METHOD_SCALE = {"qdylora": "alpha/i", "svd": "alpha/b"}
 
 
 def _svd_problems(cfg) -> list[str]:
