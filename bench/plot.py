@@ -101,8 +101,11 @@ def rank_search_variants(name: str) -> None:
     for row, set_name in zip(axes, sets):
         final = data["final"][set_name]
         colors = iter(palette * 3)
+        one_lr = final.get("gaps_one_lr") or {}
         for side, by_rank in sorted(final["rows"].items()):
             marker, color = styles.get(side, ("D-", next(colors)))
+            if side in one_lr:   # a default has one lr for every set: show that, not the per-set best
+                by_rank = {r: {"nll": v["nll"], "lr": v["lr"]} for r, v in one_lr[side].items()}
             xs = [ranks.index(int(r)) for r in by_rank]
             vals = [v["nll"] for v in by_rank.values()]
             lrs = sorted({v["lr"] for v in by_rank.values()})
@@ -111,7 +114,7 @@ def rank_search_variants(name: str) -> None:
                 label = f"today's defaults (alpha/b, uniform, lr {lrs[0]:g})"
             row[0].plot(xs, vals, marker, color=color, label=label, lw=2.2 if side in DEDICATED_PLOT else 1.2)
             if side in final["gaps"]:
-                gaps = final["gaps"][side]
+                gaps = one_lr.get(side) or final["gaps"][side]
                 gx = [ranks.index(int(r)) for r in gaps]
                 g = [100 * v["nll_gap"]["gap"] for v in gaps.values()]
                 lo = [100 * v["nll_gap"]["lo"] for v in gaps.values()]

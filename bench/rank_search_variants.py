@@ -72,6 +72,7 @@ RECIPES: dict[str, dict] = {
     "rowsqrt": {"scale": "alpha/sqrt(i)", "rank_sampling": "uniform"},
     "rowinv": {"scale": "alpha/i", "rank_sampling": "uniform"},
     "rowinv_high": {"scale": "alpha/i", "rank_sampling": "high"},
+    "rowinv_k4": {"scale": "alpha/i", "rank_sampling": "uniform", "ranks_per_step": 4},
     "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},
     "sqrt_sandwich_kd": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max", "distill": 0.5},
 }
@@ -661,7 +662,7 @@ def status_phase(args) -> None:
                 print(f"{side:>18} lr {lr:<7g} " + " ".join(f"{v[r]:7.3f}" if r in v else "      -" for r in RANKS))
 
 
-SIDE_ORDER = ["svd_qlora", "svd_rslora", "rowinv", "rowinv_high", "rowsqrt", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
+SIDE_ORDER = ["svd_qlora", "svd_rslora", "rowinv", "rowinv_k4", "rowinv_high", "rowsqrt", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
               "const_high_k4", "shipped", "today"]
 
 

@@ -139,6 +139,7 @@ def export_rank(cfg: ExportConfig, on_progress=None) -> dict:
         card = {
             "run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "rank": cfg.rank, "r_max": r_max,
             "alpha": qcfg.alpha, "scale_rule": qcfg.scale, "scale": qcfg.scale_at(cfg.rank), "method": qcfg.method,
+            "trained_scale_rule": trained.scale,
             "base_model": config["model"], "trained_steps": (info["status"] or {}).get("step"),
             "adapter_params": sum(cfg.rank * (adapter[f"{m}.lora_A"].shape[1] + adapter[f"{m}.lora_B"].shape[0]) for m in modules),
             "target_modules": leaf_names, "adapted_layers": len(modules), "merged": cfg.merge,

@@ -125,7 +125,10 @@ def rank_card_markdown(card: dict, with_snippet: bool = True) -> str:
               f"- Trained on the base in {model['quant']} with compute dtype {model.get('compute_dtype', '?')}",
               f"- Rank {card['rank']} of r_max {card['r_max']}; alpha {card['alpha']}; scale {float(card['scale']):.4g}"
               + (f" ({card['scale_rule']}{', ' + card['method'] + ' method' if card.get('method', 'qdylora') != 'qdylora' else ''})"
-                 if card.get("scale_rule") else ""),
+                 if card.get("scale_rule") else "")
+              + (f"; trained with the per-row rule {card['trained_scale_rule']}, each row's factor folded into lora_B"
+                 if card.get("method", "qdylora") == "qdylora" and card.get("trained_scale_rule") not in (None, card.get("scale_rule"))
+                 else ""),
               f"- Adapted layers: {card.get('adapted_layers', '?')} ({', '.join(card.get('target_modules', []))})",
               "- Files: " + ", ".join(f"{name} {w.mb(size / 2**20)}" for name, size in card.get("file_sizes", {}).items())]
     if with_snippet:

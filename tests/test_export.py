@@ -74,6 +74,7 @@ def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
     assert config["r"] == rank and config["lora_alpha"] == pytest.approx(expected_alpha)
     assert config["use_rslora"] is (card["scale_rule"] == "alpha/sqrt(b)")
     assert card["scale_rule"] == ("constant" if trained["method"] == "svd" or trained["scale"] in USED_AS_CONSTANT else trained["scale"])
+    assert card["trained_scale_rule"] == trained["scale"]
     assert config["peft_type"] == "LORA"
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
@@ -83,6 +84,7 @@ def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
     md = (out / "rank_card.md").read_text()
     assert f"ADAPTER = {out.name!r}" in card["snippet"] and md.count("PeftModel.from_pretrained(base, ADAPTER)") == 1
     assert ("measured on the 4-bit NF4 base" in md) == (quant == "nf4")
+    assert ("trained with the per-row rule alpha/i" in md) == (trained["scale"] == "alpha/i")
 
     ours = load_run(run_dir)
     set_rank(ours.model, rank)
