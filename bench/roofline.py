@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batching", default="packed", choices=["packed", "padded"])
+    p.add_argument("--tag", default="", help="write results/roofline_<tag>.json (a comparison beside the main result)")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.max_length, args.matmul_reps = 1, 64, 3
@@ -142,7 +143,7 @@ def main() -> None:
     for quant, tr in trainers.items():
         tr.cleanup()
         shutil.rmtree(tr.run_dir, ignore_errors=True)
-    common.write_result(common.result_name("roofline", args.quick), {
+    common.write_result(common.result_name("roofline" + (f"_{args.tag}" if args.tag else ""), args.quick), {
         "config": vars(args), "batch_width": width, "processed_tokens": processed, "useful_tokens": useful,
         "execution": {quant: tr.execution() for quant, tr in trainers.items()},
         "flop_model": flops, "rounds": rounds, "summary": summary}, info)
