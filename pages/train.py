@@ -7,7 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
-from core.qdylora.config import METHOD_SCALE
+from core.qdylora.config import METHOD_SCALE, PER_ROW_RULES
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -124,32 +124,43 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     quant = keep("quant", c[0].radio(
         "Quantization of the base", quants, index=quants.index(values["quant"]), key=field_key("quant"),
         format_func=lambda q: {"nf4": "4-bit NF4 (QLoRA)", "none": "none (full precision)"}[q]))
-    update = keep("update", c[1].radio(
-        "Update mode", updates, index=updates.index(values["update"]), key=field_key("update"),
-        format_func=lambda u: {"full": "full (rows 1..b learn)", "frozen": "frozen (only row b)"}[u],
-        help="DyLoRA's two variants: 'full' trains all active rows each step, 'frozen' only the sampled one."))
-    sampling = keep("rank_sampling", c[2].selectbox(
-        "Rank sampling", samplings, index=samplings.index(values["rank_sampling"]), key=field_key("rank_sampling"),
-        help="How the rank b of each training step is drawn from 1..r_max."))
-    rank_list = ""
-    if sampling == "list":
-        rank_list = keep("rank_list", c[2].text_input("Ranks to sample", value=values["rank_list"],
-                                                      key="f-rank_list"))
     methods, scales = list(wd.METHOD_LABELS), list(wd.SCALE_LABELS)
     method = keep("method", c[3].selectbox(
         "Method", methods, index=methods.index(values["method"]), key=field_key("method"), format_func=wd.METHOD_LABELS.get,
         help="QDyLoRA trains all ranks in one run. SVD truncation trains one ordinary LoRA at r_max and cuts each "
              "rank from it afterwards (rank sampling does not apply)."))
+    # Rank sampling, update mode and ranks per step exist only for QDyLoRA: with SVD they are not shown and the
+    # run gets their defaults (what the user chose stays remembered for when they switch back).
+    sampling_applies = method == "qdylora"
+    update, sampling, rank_list = "full", "uniform", ""
+    if sampling_applies:
+        update = keep("update", c[1].radio(
+            "Update mode", updates, index=updates.index(values["update"]), key=field_key("update"),
+            format_func=lambda u: {"full": "full (rows 1..b learn)", "frozen": "frozen (only row b)"}[u],
+            help="DyLoRA's two variants: 'full' trains all active rows each step, 'frozen' only the sampled one."))
+        sampling = keep("rank_sampling", c[2].selectbox(
+            "Rank sampling", samplings, index=samplings.index(values["rank_sampling"]), key=field_key("rank_sampling"),
+            help="How the rank b of each training step is drawn from 1..r_max."))
+        if sampling == "list":
+            rank_list = keep("rank_list", c[2].text_input("Ranks to sample", value=values["rank_list"],
+                                                          key="f-rank_list"))
+    else:
+        c[1].caption("Rank sampling does not apply to SVD truncation: it trains one ordinary LoRA at r_max.")
+    if not sampling_applies:   # the per-row rules are QDyLoRA's (svd refuses them)
+        scales = [rule for rule in scales if rule not in PER_ROW_RULES]
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(
-        "Scale at rank b", scales, index=scales.index(values["scale"]), key=field_key("scale"),
+        "Scale at rank b", scales, index=scales.index(values["scale"]) if values["scale"] in scales else 0,
+        key=field_key("scale"),
         format_func=lambda rule: wd.SCALE_LABELS[rule] if rule else f"recommended for the method: {wd.SCALE_LABELS[METHOD_SCALE[method]]}",
         help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
     # ui.number_field: out-of-range entries reach train_problems below instead of staying in the browser.
     limits = wd.TRAIN_LIMITS
-    ranks_per_step = keep("ranks_per_step", ui.number_field(
-        c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),
-        step=1, help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
+    ranks_per_step = 1
+    if sampling_applies:
+        ranks_per_step = keep("ranks_per_step", ui.number_field(
+            c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),
+            step=1, help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
     st.caption(RECIPE_EVIDENCE)
     c = st.columns(4)
     r_max = keep("r_max", ui.number_field(c[0], "r_max (largest rank)", int(values["r_max"]), limits["r_max"],

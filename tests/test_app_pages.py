@@ -263,6 +263,25 @@ def test_train_page_refuses_bad_values_before_launch(workspace, tmp_path):
     assert workspace.submitted == []
 
 
+def test_train_page_shows_rank_sampling_only_for_qdylora(workspace):
+    at = app("train")
+    labels = lambda: {w.label for w in [*at.selectbox, *at.radio, *at.number_input]}
+    assert {"Rank sampling", "Update mode", "Ranks per step"} <= labels()
+    field(at.selectbox, "Rank sampling").set_value("high").run()
+    field(at.selectbox, "Scale at rank b").set_value("alpha/i").run()
+    field(at.selectbox, "Method").set_value("svd").run()
+    assert not {"Rank sampling", "Update mode", "Ranks per step"} & labels()
+    assert "Rank sampling does not apply to SVD truncation: it trains one ordinary LoRA at r_max." in texts(at)
+    scale_options = field(at.selectbox, "Scale at rank b").options
+    assert wd.SCALE_LABELS["alpha/i"] not in scale_options and wd.SCALE_LABELS["constant"] in scale_options
+    assert not at.error, [e.value for e in at.error]
+    button(at, "Start training").click().run()
+    args = workspace.submitted[-1]["args"]
+    assert args[args.index("--method") + 1] == "svd" and "high" not in args and "alpha/i" not in args
+    field(at.selectbox, "Method").set_value("qdylora").run()
+    assert field(at.selectbox, "Rank sampling").value == "high"   # remembered for when it applies again
+
+
 def fake_devices(monkeypatch, kind: str, count: int):
     from core import distributed
 
