@@ -73,6 +73,7 @@ RECIPES: dict[str, dict] = {
     "rowinv": {"scale": "alpha/i", "rank_sampling": "uniform"},
     "rowinv_high": {"scale": "alpha/i", "rank_sampling": "high"},
     "rowinv_k4": {"scale": "alpha/i", "rank_sampling": "uniform", "ranks_per_step": 4},
+    "rowinv_nodrop": {"scale": "alpha/i", "rank_sampling": "uniform", "dropout": 0.0},   # a recipe may override the shared config
     "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},
     "sqrt_sandwich_kd": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max", "distill": 0.5},
 }
@@ -302,7 +303,7 @@ def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> di
             state = peft_to_ours(model)
             scale_rule, ranks, fixed = DEDICATED[job["side"]], [job["rank"]], job["rank"]
         else:
-            cfg = TrainConfig(out=str(out), r_max=max(RANKS), lr=job["lr"], **shared_config(steps, quick), **RECIPES[job["side"]])
+            cfg = TrainConfig(out=str(out), r_max=max(RANKS), lr=job["lr"], **(shared_config(steps, quick) | RECIPES[job["side"]]))
             stamps: list[float] = []
 
             def on_event(e):
@@ -591,7 +592,7 @@ def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
         recipe, adapter = {"method": "svd", "scale": DEDICATED[src]}, job_id(src, lr, max(RANKS))
     else:
         recipe, adapter = RECIPES[side], job_id(side, lr)
-    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **shared_config(steps, quick), **recipe)
+    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **(shared_config(steps, quick) | recipe))
     name, path = resolve_model_path(cfg.model)
     (folder / "adapter").mkdir(parents=True, exist_ok=True)
     shutil.copy(root(steps, quick) / "adapters" / f"{adapter}.safetensors", folder / "adapter" / "adapter.safetensors")
@@ -662,7 +663,7 @@ def status_phase(args) -> None:
                 print(f"{side:>18} lr {lr:<7g} " + " ".join(f"{v[r]:7.3f}" if r in v else "      -" for r in RANKS))
 
 
-SIDE_ORDER = ["svd_qlora", "svd_rslora", "rowinv", "rowinv_k4", "rowinv_high", "rowsqrt", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
+SIDE_ORDER = ["svd_qlora", "svd_rslora", "rowinv", "rowinv_nodrop", "rowinv_k4", "rowinv_high", "rowsqrt", "const", "sqrt", "sqrt_high", "sqrt_k4", "sqrt_high_k4", "const_k4",
               "const_high_k4", "shipped", "today"]
 
 
