@@ -122,8 +122,9 @@ def _json_default(obj):
     return str(obj)
 
 
-def result_name(name: str, quick: bool) -> str:
-    """--quick runs write <name>_quick.json so a smoke run never overwrites a real result."""
+def result_name(name: str, quick: bool, tag: str = "") -> str:
+    """<name>[_<tag>][_quick]: a --tag run lies beside the main result, a --quick run never overwrites a real one."""
+    name = f"{name}_{tag}" if tag else name
     return f"{name}_quick" if quick else name
 
 
@@ -301,6 +302,11 @@ def make_random_llama_folder(folder: Path, hidden: int, layers: int, intermediat
     del model
     tmp.rename(folder)
     return folder
+
+
+def quick_llama_folder(name: str) -> Path:
+    """The tiny random Llama that --quick smoke runs train instead of the default model."""
+    return make_random_llama_folder(TMP / name, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=4)
 
 
 def param_count(model) -> int:

@@ -208,7 +208,7 @@ def main() -> None:
                                                                         "met": ratios["llama_1b"][key] <= TARGET_PEAK_1B}
         targets["llama_1b_process_peak_ratio_incl_load"] = {"value": ratios["llama_1b"]["ru_maxrss"],
                                                             "met": ratios["llama_1b"]["ru_maxrss"] <= TARGET_PEAK_1B}
-    name = common.result_name("memory" + (f"_{args.tag}" if args.tag else ""), args.quick)
+    name = common.result_name("memory", args.quick, args.tag)
     common.write_result(name, {
         "config": {"steps": steps, "big_model_shape": shape, "big_model_folder": str(big_folder), "child_env": env_extra,
                    "gradient_checkpointing": args.gradient_checkpointing},

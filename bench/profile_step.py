@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     print(info)
     out = common.TMP / f"profile_step_{args.quant}"
     shutil.rmtree(out, ignore_errors=True)
-    model = (str(common.make_random_llama_folder(common.TMP / "profile_tiny_model", hidden=64, layers=2, intermediate=128,
-                                                 heads=4, kv_heads=4)) if args.quick else "default")
+    model = str(common.quick_llama_folder("profile_tiny_model")) if args.quick else "default"
     trainer = Trainer(TrainConfig(data=str(common.TRAIN_FILE), out=str(out), model=model, quant=args.quant, r_max=16,
                                   batch_size=4, max_length=64 if args.quick else 256, steps=10_000, seed=42))
     trainer.setup()

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         r = results[name]["ratio_to_peft"]
         print(f"{name}: median step {results[name]['step_s']['median']:.2f}s, ratio to PEFT r={args.r_max} "
               f"{r['median']:.3f} [{r['median_ci95'][0]:.3f}, {r['median_ci95'][1]:.3f}]")
-    common.write_result(common.result_name("recipe_cost" + (f"_{args.tag}" if args.tag else ""), args.quick), {
+    common.write_result(common.result_name("recipe_cost", args.quick, args.tag), {
         "config": vars(args) | {"recipes": recipes}, "results": results, "raw_s": times,
         "target": {"ratio_le": TARGET}}, info)
     for t in trainers.values():

@@ -143,7 +143,7 @@ def main() -> None:
     for quant, tr in trainers.items():
         tr.cleanup()
         shutil.rmtree(tr.run_dir, ignore_errors=True)
-    common.write_result(common.result_name("roofline" + (f"_{args.tag}" if args.tag else ""), args.quick), {
+    common.write_result(common.result_name("roofline", args.quick, args.tag), {
         "config": vars(args), "batch_width": width, "processed_tokens": processed, "useful_tokens": useful,
         "execution": {quant: tr.execution() for quant, tr in trainers.items()},
         "flop_model": flops, "rounds": rounds, "summary": summary}, info)

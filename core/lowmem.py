@@ -78,14 +78,17 @@ def store_frozen_embeddings_16bit(model: nn.Module) -> dict[str, str]:
     return done
 
 
-def release_freed_memory() -> bool:
-    """Return free heap pages to the OS (glibc malloc_trim); False where there is no such call."""
-    name = ctypes.util.find_library("c")
+def _call_libc(function: str, *args: int) -> bool:
+    """glibc's `function(*args)` as a success flag; False where there is no such call (no glibc)."""
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.malloc_trim(0))
+        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)(*args))
     except (OSError, AttributeError, TypeError):
         return False
+
+
+def release_freed_memory() -> bool:
+    """Return free heap pages to the OS (glibc malloc_trim); False where there is no such call."""
+    return _call_libc("malloc_trim", 0)
 
 
 # glibc's mallopt parameter for the size from which a block gets its own mapping.
@@ -99,9 +102,4 @@ LARGE_BLOCK_BYTES = 1 << 20
 
 def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     """Fix glibc's mmap threshold (large blocks get their own mapping, returned when freed); False without glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError, TypeError):
-        return False
+    return _call_libc("mallopt", M_MMAP_THRESHOLD, int(threshold))

@@ -132,7 +132,8 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     # Rank sampling, update mode and ranks per step exist only for QDyLoRA: with SVD they are not shown and the
     # run gets their defaults (what the user chose stays remembered for when they switch back).
     sampling_applies = method == "qdylora"
-    update, sampling, rank_list = "full", "uniform", ""
+    recipe = wd.train_form_defaults(values["preset"])
+    update, sampling, rank_list, ranks_per_step = recipe["update"], recipe["rank_sampling"], "", recipe["ranks_per_step"]
     if sampling_applies:
         update = keep("update", c[1].radio(
             "Update mode", updates, index=updates.index(values["update"]), key=field_key("update"),
@@ -146,8 +147,7 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
                                                           key="f-rank_list"))
     else:
         c[1].caption("Rank sampling does not apply to SVD truncation: it trains one ordinary LoRA at r_max.")
-    if not sampling_applies:   # the per-row rules are QDyLoRA's (svd refuses them)
-        scales = [rule for rule in scales if rule not in PER_ROW_RULES]
+        scales = [rule for rule in scales if rule not in PER_ROW_RULES]   # QDyLoRA's rules (svd refuses them)
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(
         "Scale at rank b", scales, index=scales.index(values["scale"]) if values["scale"] in scales else 0,
@@ -156,7 +156,6 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
         help="How strongly rank b's adapter is applied; exported exactly to PEFT."))
     # ui.number_field: out-of-range entries reach train_problems below instead of staying in the browser.
     limits = wd.TRAIN_LIMITS
-    ranks_per_step = 1
     if sampling_applies:
         ranks_per_step = keep("ranks_per_step", ui.number_field(
             c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),

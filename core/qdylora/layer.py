@@ -107,12 +107,11 @@ class DynamicRankLoRALinear(nn.Module):
         if b == 0:
             return result
         a, bm = self.active_factors()
-        h = self.dropout(x.to(a.dtype))
+        z = F.linear(self.dropout(x.to(a.dtype)), a)
         rows = self.row_scale(b)
-        if rows is not None:
-            return add_low_rank(result, F.linear(h, a) * rows, bm, 1.0, fused=self.training)
+        z, scale = (z, self.scale(b)) if rows is None else (z * rows, 1.0)
         # Training takes the fused sum (speed); inference PEFT's order (exported adapters match exactly).
-        return add_low_rank(result, F.linear(h, a), bm, self.scale(b), fused=self.training)
+        return add_low_rank(result, z, bm, scale, fused=self.training)
 
     def _per_example_z(self, x: torch.Tensor) -> torch.Tensor:
         """A[:b_max] dropout(x), each example's rows masked and scaled by its own rank."""
