@@ -49,6 +49,7 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.phase = "start"
         self.peaks: dict[str, int] = {}
+        self.peak_times: dict[str, float] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -56,6 +57,7 @@ class RssSampler(threading.Thread):
             rss = self.proc.memory_info().rss
             if rss > self.peaks.get(self.phase, 0):
                 self.peaks[self.phase] = rss
+                self.peak_times[self.phase] = time.perf_counter()
             time.sleep(self.interval)
 
     def set_phase(self, phase: str) -> None:
@@ -102,6 +104,7 @@ def child(spec: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sampler.set_phase("train")
+    trace = install_rss_trace(trainer, sampler.proc) if spec.get("trace") else None
     t0 = time.perf_counter()
     try:
         result = trainer.train()
@@ -124,7 +127,43 @@ def child(spec: dict) -> dict:
         "cuda_peak_train_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "load_s": load_s, "train_s": train_s, "loadavg": common.loadavg(),
         "execution": trainer.execution(),   # fused loss, packing, 16-bit embeddings/head (issue 12)
+        "rss_trace": trace, "peak_time_train": sampler.peak_times.get("train"),
     }
+
+
+def install_rss_trace(trainer, proc) -> list:
+    """RSS (MiB) at each decoder layer's forward and backward and after each optimizer step:
+    where in a step the training peak is reached, and which part of the step holds it."""
+    events: list = []
+    step = [0]
+
+    def mark(label: str) -> None:
+        events.append([step[0], label, round(proc.memory_info().rss / 2**20, 1), time.perf_counter()])
+
+    layers = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.ModuleList))
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, i=i: mark(f"forward {i}"))
+        layer.register_full_backward_hook(lambda *_, i=i: mark(f"backward {i}"))
+
+    def after_step(*_):
+        mark("optimizer step")
+        step[0] += 1
+
+    trainer.optimizer.register_step_post_hook(after_step)
+    from core import train as train_module
+    from core.lm_loss import decoder_of
+
+    decoder_of(trainer.model).register_forward_hook(lambda *_: mark("decoder output"))
+    trainer.optimizer.register_step_pre_hook(lambda *_: mark("before step"))
+    save = train_module._save_checkpoint
+
+    def traced_save(*a, **k):
+        mark("checkpoint start")
+        save(*a, **k)
+        mark("checkpoint end")
+
+    train_module._save_checkpoint = traced_save
+    return events
 
 
 def run_child(spec: dict, env_extra: dict | None = None) -> dict:
@@ -155,6 +194,7 @@ def main() -> None:
                    help="environment for the children, e.g. MALLOC_MMAP_THRESHOLD_=65536 (experiments)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--tag", default="", help="write results/memory_<tag>.json instead of memory.json")
+    p.add_argument("--trace", action="store_true", help="record RSS at every decoder layer's forward/backward (NF4 only)")
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
@@ -176,15 +216,27 @@ def main() -> None:
         specs.append(dict(label="llama_1b" if not args.quick else "llama_tiny", model=str(big_folder), batch_size=1, max_length=128))
     results = []
     for spec in specs:
-        for quant in ("nf4", "none"):
+        for quant in ("nf4",) if args.trace else ("nf4", "none"):
             full = spec | {"quant": quant, "steps": steps, "r_max": 16, "out": str(common.TMP / f"memory_{spec['label']}_{quant}"),
-                           "gradient_checkpointing": args.gradient_checkpointing}
+                           "gradient_checkpointing": args.gradient_checkpointing, "trace": args.trace}
             res = run_child(full, env_extra)
             results.append(res)
             mb = 2**20
             print(f"{res['model']:>10} {quant:>4}: footprint {res['base_footprint_bytes'] / mb:8.1f} MB, peak RSS load "
                   f"{res['peak_rss_load_bytes'] / mb:8.1f} MB, train {res['peak_rss_train_bytes'] / mb:8.1f} MB, "
                   f"ru_maxrss {res['ru_maxrss_bytes'] / mb:8.1f} MB, after imports {res['rss_after_imports_bytes'] / mb:.0f} MB; load {res['loadavg']}")
+    if args.trace:
+        for res in results:
+            trace = res["rss_trace"]
+            top = max(trace, key=lambda e: e[2])
+            print(f"{res['model']} {res['quant']}: after-load RSS {res['rss_after_load_bytes'] / 2**20:.0f} MiB, "
+                  f"traced peak {top[2]:.0f} MiB at step {top[0]} {top[1]}, sampled training peak {res['peak_rss_train_bytes'] / 2**20:.0f} MiB")
+            peak_at = res["peak_time_train"]
+            for e, nxt in zip(trace, trace[1:] + [None]):
+                here = " <- sampled peak after this" if peak_at and e[3] <= peak_at and (nxt is None or peak_at < nxt[3]) else ""
+                print("  step {} {:<16} {:8.1f}".format(*e[:3]) + here)
+        common.write_result(common.result_name("memory_trace", args.quick, args.tag), {"config": {"steps": steps}, "results": results}, info)
+        return
     by = {(r["model"], r["quant"]): r for r in results}
     ratios, targets = {}, {}
     for label in dict.fromkeys(r["model"] for r in results):

@@ -31,6 +31,17 @@ class LossOutput:
     tokens: int                   # labelled tokens the mean is over
 
 
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The decoder stack under the output head (None if the model has none), through a PEFT wrapper.
+
+    A PeftModel's own `base_model` is its LoRA wrapper around the whole causal LM (which returns
+    logits, not hidden states); the decoder is the wrapped model's `base_model`.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, "base_model", None)
+    return None if body is None or body is inner else body
+
+
 def fused_head_supported(model: nn.Module, training: bool = True) -> bool:
     """Whether the logits are exactly head(decoder hidden states): a bias-free linear head (frozen, for
     training), and nothing after it.
@@ -39,11 +50,11 @@ def fused_head_supported(model: nn.Module, training: bool = True) -> bool:
     trainer also checks the result against model(**batch).loss once before it relies on it.)
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
+    body = decoder_of(model)
     cfg = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or head.bias is not None or (training and head.weight.requires_grad):
         return False
-    if body is None or body is model:
+    if body is None:
         return False
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(cfg, name, None) not in (None, 1, 1.0):
@@ -58,7 +69,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], with_logits
     model takes them (padded rows, or packed rows: see core.packing).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder_of(model)(**inputs, use_cache=False).last_hidden_state
     labels = batch["labels"]
     targets = labels[:, 1:]
     selected = targets != IGNORE
@@ -86,7 +97,7 @@ def labelled_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
         from core.prompting import token_nll
 
         return token_nll(model, batch)
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = decoder_of(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE
     nll = nll_from_hidden(model, hidden[:, :-1][selected], targets[selected])
@@ -100,8 +111,9 @@ def nll_from_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     weight = model.get_output_embeddings().weight
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    head = weight.to(hidden.dtype)   # once, not per slice (a 16-bit head over float32 states is widened here)
     for r0 in range(0, targets.shape[0], rows):
-        logits = nn.functional.linear(hidden[r0:r0 + rows], weight.to(hidden.dtype)).float()
+        logits = nn.functional.linear(hidden[r0:r0 + rows], head).float()
         nll[r0:r0 + rows] = nn.functional.cross_entropy(logits, targets[r0:r0 + rows], reduction="none")
     return nll
 
@@ -112,6 +124,18 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], with_logits: bo
     selected = batch["labels"][:, 1:] != IGNORE
     logits = out.logits[:, :-1][selected] if with_logits else None
     return LossOutput(out.loss, logits, int(selected.sum()))
+
+
+def slice_shape(n: int, width: int, vocab: int) -> tuple[int, int]:
+    """(rows, vocabulary columns) per slice of the fused loss: neither the logits slice (rows × cols)
+    nor the head slice widened to the compute dtype (cols × width) exceeds CHUNK_ELEMENTS.
+
+    Bounding only the logits let a short batch take the whole vocabulary at once: a float32 copy
+    of a 16-bit 49k × 2048 head (402 MB at 1 B parameters) at every step.
+    """
+    rows = max(1, min(n, CHUNK_ELEMENTS // 1024))
+    cols = max(1, min(vocab, CHUNK_ELEMENTS // rows, CHUNK_ELEMENTS // max(1, width)))
+    return rows, cols
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -132,8 +156,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             return hidden.new_zeros((), dtype=torch.float32)
         # Logits in the hidden states' dtype, as the model's own head makes them (bfloat16 on a GPU), then float32.
         h = hidden.detach()
-        rows = max(1, min(n, CHUNK_ELEMENTS // 1024))
-        cols = max(1, min(vocab, CHUNK_ELEMENTS // rows))
+        rows, cols = slice_shape(n, width, vocab)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         for r0 in range(0, n, rows):

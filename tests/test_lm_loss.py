@@ -130,6 +130,16 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy_across_vocabular
     assert loss.item() != ours.item()                  # the weight is really used
 
 
+def test_loss_slices_bound_both_the_logits_and_the_widened_head_slice():
+    from core.lm_loss import CHUNK_ELEMENTS, slice_shape
+
+    for n, width, vocab in [(128, 2048, 49152), (1000, 576, 49152), (1, 8192, 256000), (50_000, 64, 1000), (3, 16, 10)]:
+        rows, cols = slice_shape(n, width, vocab)
+        assert 1 <= rows <= n and 1 <= cols <= vocab
+        assert rows * cols <= CHUNK_ELEMENTS and cols * width <= CHUNK_ELEMENTS
+    assert slice_shape(3, 16, 10) == (3, 10)      # small problems stay one slice
+
+
 def test_linear_cross_entropy_in_16_bits_rounds_logits_as_the_model_head_does():
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(9, 16, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -182,6 +192,28 @@ def test_labelled_nll_equals_the_full_logits_nll(tiny_model_dir, mixed_data, tmp
     assert counts.tolist() == want_counts.tolist()
     torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
     trainer.cleanup()
+
+
+def test_labelled_nll_through_a_peft_wrapper_equals_the_full_logits_nll(tiny_model_dir, mixed_data):
+    """A PeftModel's `base_model` is its LoRA wrapper (it returns logits): the decoder is found beneath it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.lm_loss import labelled_nll
+    from core.prompting import encode_example, token_nll
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    assert fused_head_supported(model, training=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = collate([encode_example(tokenizer, p, r, 64) for p, r in ROWS[1:4]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        want_sums, want_counts = token_nll(model, batch)
+    sums, counts = labelled_nll(model, batch)
+    assert counts.tolist() == want_counts.tolist()
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
 
 
 def test_plan_rows_first_fit_longest_first():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.lm_loss import fused_head_supported, nll_from_hidden
+from core.lm_loss import decoder_of, fused_head_supported, nll_from_hidden
 
 
 def _left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _reference_nll(model, ids, mask, cache, references: list[list[int]]) -> list
     full_mask = torch.cat([mask, ref_mask], dim=1)
     positions = _left_padded_positions(full_mask)[:, width - 1:]
     step = torch.cat([ids[:, -1:], ref], dim=1)
-    hidden = model.base_model(input_ids=step, attention_mask=full_mask, position_ids=positions, cache=cache,
+    hidden = decoder_of(model)(input_ids=step, attention_mask=full_mask, position_ids=positions, cache=cache,
                               use_cache=True).last_hidden_state[:, :-1]            # output j predicts reference token j
     selected = ref_mask.bool()
     token_nll = nll_from_hidden(model, hidden[selected], ref[selected])
