@@ -58,6 +58,8 @@ GEN_PROMPTS = 16             # per set, for ROUGE-L in the final evaluation (fro
 MAX_NEW_TOKENS = 48
 TODAY = {"recipe": "shipped", "lr": 2e-4}  # the defaults before this benchmark (alpha/b, uniform, lr 2e-4)
 TARGET_GAP = 0.02
+DEFAULT_SEED = 42
+BETWEEN_RANKS = [3, 6, 12]   # measured in a seed study besides RANKS
 
 # One-run recipes: TrainConfig fields on top of the shared recipe. Order = priority in the queue.
 RECIPES: dict[str, dict] = {
@@ -74,6 +76,7 @@ RECIPES: dict[str, dict] = {
     "rowinv_high": {"scale": "alpha/i", "rank_sampling": "high"},
     "rowinv_k4": {"scale": "alpha/i", "rank_sampling": "uniform", "ranks_per_step": 4},
     "rowinv_nodrop": {"scale": "alpha/i", "rank_sampling": "uniform", "dropout": 0.0},   # a recipe may override the shared config
+    "rowinv_pow2": {"scale": "alpha/i", "rank_sampling": "pow2"},
     "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},
     "sqrt_sandwich_kd": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max", "distill": 0.5},
 }
@@ -81,14 +84,15 @@ DEDICATED = {"qlora": "alpha/b", "rslora": "alpha/sqrt(b)"}      # side → scal
 SVD_OF = {"svd_qlora": "qlora", "svd_rslora": "rslora"}          # derived side → dedicated side
 
 
-def shared_config(steps: int, quick: bool) -> dict:
+def shared_config(steps: int, quick: bool, seed: int | None = None) -> dict:
     return {"data": str(common.TRAIN_FILE), "quant": "nf4", "batch_size": 4, "max_length": 64 if quick else 192,
-            "seed": 42, "alpha": 16.0, "dropout": 0.05, "steps": steps, "checkpoint_every": steps,
+            "seed": DEFAULT_SEED if seed is None else seed, "alpha": 16.0, "dropout": 0.05, "steps": steps, "checkpoint_every": steps,
             "warmup_ratio": 0.03, "lr_schedule": "constant", "max_grad_norm": 0.3}
 
 
-def root(steps: int, quick: bool) -> Path:
-    return common.TMP / ("rank_parity_quick" if quick else "rank_parity") / f"steps{steps}"
+def root(steps: int, quick: bool, seed: int | None = None) -> Path:
+    """The grid's folder; a seed study (`--seed`) keeps each seed's runs in a folder of their own."""
+    return common.TMP / ("rank_parity_quick" if quick else "rank_parity") / (f"steps{steps}" + ("" if seed is None else f"_seed{seed}"))
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -115,28 +119,28 @@ def job_list(sides: list[str], lrs: list[float], ranks: list[int] | None = None)
     return jobs
 
 
-def queue_path(steps: int, quick: bool) -> Path:
-    return root(steps, quick) / "queue.json"
+def queue_path(steps: int, quick: bool, seed: int | None = None) -> Path:
+    return root(steps, quick, seed) / "queue.json"
 
 
-def read_queue(steps: int, quick: bool) -> list[dict]:
-    path = queue_path(steps, quick)
+def read_queue(steps: int, quick: bool, seed: int | None = None) -> list[dict]:
+    path = queue_path(steps, quick, seed)
     return json.loads(path.read_text()) if path.is_file() else []
 
 
 def queue_phase(args) -> None:
     """Add jobs to the queue the workers read before each job (--replace: start the queue afresh).
     Re-planning while workers run is how the grid is steered: central lrs first, then edges where needed."""
-    path = queue_path(args.steps, args.quick)
+    path = queue_path(args.steps, args.quick, args.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    queue = [] if args.replace else read_queue(args.steps, args.quick)
+    queue = [] if args.replace else read_queue(args.steps, args.quick, args.seed)
     known = {j["id"] for j in queue}
     new = [j for j in job_list(args.sides, args.lrs, args.ranks) if j["id"] not in known]
     queue = (new + queue) if args.front else (queue + new)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(queue, indent=1))
     tmp.replace(path)
-    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
+    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick, args.seed)}
     print(f"queue: {len(queue)} jobs ({len(new)} added), {len([j for j in queue if j['id'] not in done])} not done")
 
 
@@ -189,7 +193,7 @@ def divergence_guard(first: list[float], step: int, loss: float) -> None:
 def eval_items(quick: bool, full: bool) -> dict:
     from core.data import load_eval_set
 
-    n = 4 if quick else (None if full else SEARCH_PROMPTS)
+    n = (8 if full else 4) if quick else (None if full else SEARCH_PROMPTS)
     return {name: load_eval_set(path).items[:n] for name, path in SETS.items()}
 
 
@@ -276,14 +280,14 @@ def svd_state(state: dict, scale_rule: str, r_max: int = 16) -> tuple[dict, str]
 # ----------------------------------------------------------------------------- train phase
 
 
-def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> dict:
+def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path, seed: int | None = None) -> dict:
     """Train one job, save its adapter, measure its ranks on the search subsets."""
     from safetensors.torch import save_file
 
     from core.qdylora.inject import adapter_state_dict
     from core.train import TrainConfig, Trainer
 
-    out = root(steps, quick) / "runs" / job["id"]
+    out = root(steps, quick, seed) / "runs" / job["id"]
     shutil.rmtree(out, ignore_errors=True)
     first: list[float] = []
     step_s: list[float] = []
@@ -291,7 +295,7 @@ def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> di
     result = {"job": job, "steps": steps, "started": common.machine_info()["date"], "loadavg_start": common.loadavg()}
     try:
         if job["side"] in DEDICATED:
-            cfg = TrainConfig(out=str(out), r_max=job["rank"], lr=job["lr"], **shared_config(steps, quick))
+            cfg = TrainConfig(out=str(out), r_max=job["rank"], lr=job["lr"], **shared_config(steps, quick, seed))
             trainer = common.PeftLoRATrainer(cfg, rank=job["rank"], use_rslora=job["side"] == "rslora")
 
             def on_step(s, loss, dt):
@@ -303,7 +307,7 @@ def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> di
             state = peft_to_ours(model)
             scale_rule, ranks, fixed = DEDICATED[job["side"]], [job["rank"]], job["rank"]
         else:
-            cfg = TrainConfig(out=str(out), r_max=max(RANKS), lr=job["lr"], **(shared_config(steps, quick) | RECIPES[job["side"]]))
+            cfg = TrainConfig(out=str(out), r_max=max(RANKS), lr=job["lr"], **(shared_config(steps, quick, seed) | RECIPES[job["side"]]))
             stamps: list[float] = []
 
             def on_event(e):
@@ -321,15 +325,16 @@ def run_job(job: dict, steps: int, quick: bool, items: dict, folder: Path) -> di
             step_s = [b - a for a, b in zip(stamps, stamps[1:])]
             model, tokenizer = trainer.model, trainer.tokenizer
             state = adapter_state_dict(model)
-            scale_rule, ranks, fixed = cfg.scale, RANKS, None
+            # A seed study also measures ranks between the powers of two (a recipe drawing only those must not lose them).
+            scale_rule, ranks, fixed = cfg.scale, (RANKS if seed is None else sorted(RANKS + BETWEEN_RANKS)), None
             result["histogram"] = trainer.histogram
         train_s = time.perf_counter() - t0
-        adapters = root(steps, quick) / "adapters"
+        adapters = root(steps, quick, seed) / "adapters"
         adapters.mkdir(parents=True, exist_ok=True)
         save_file(state, str(adapters / f"{job['id']}.safetensors"))
         result |= {"train_s": train_s, "median_step_s": common.med(step_s), "losses": losses, "scale_rule": scale_rule,
                    "evals": evaluate_ranks(model, tokenizer, items, ranks, fixed)}
-        if job["side"] in DEDICATED and job["rank"] == max(RANKS):
+        if job["side"] in DEDICATED and job["rank"] == max(RANKS) and seed is None:
             del trainer, model
             gc.collect()
             bench = AdapterBench(steps, quick)
@@ -350,14 +355,15 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    folder = root(args.steps, args.quick) / "jobs"
-    items = eval_items(args.quick, full=False)
+    folder = root(args.steps, args.quick, args.seed) / "jobs"
+    # A seed study's lrs were picked on the search subsets already: its runs are measured on the whole sets.
+    items = eval_items(args.quick, full=args.seed is not None)
     while True:
-        job = next((j for j in read_queue(args.steps, args.quick) if claim(folder, j)), None)
+        job = next((j for j in read_queue(args.steps, args.quick, args.seed) if claim(folder, j)), None)
         if job is None:
             return
         common.log(f"[worker {os.getpid()}] {job['id']}: training {args.steps} steps")
-        res = run_job(job, args.steps, args.quick, items, folder)
+        res = run_job(job, args.steps, args.quick, items, folder, args.seed)
         summary = res.get("diverged") or ", ".join(
             f"{s} " + "/".join(f"{v['nll']:.3f}" for v in res["evals"][s].values()) for s in res["evals"])
         common.log(f"[worker {os.getpid()}] {job['id']}: {res['train_s']:.0f}s train, {summary}")
@@ -368,15 +374,17 @@ def train_phase(args) -> None:
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    if not read_queue(args.steps, args.quick):
+    if not read_queue(args.steps, args.quick, args.seed):
         queue_phase(args)
     cmd = [sys.executable, __file__, "worker", "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    common.log(f"{len(read_queue(args.steps, args.quick))} jobs queued, {args.workers} workers x {args.threads} thread(s)")
+    cmd += [] if args.seed is None else ["--seed", str(args.seed)]
+    common.log(f"{len(read_queue(args.steps, args.quick, args.seed))} jobs queued, {args.workers} workers x {args.threads} thread(s)")
     procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"a worker failed: exit codes {codes}")
-    base_phase(args)
+    if args.seed is None:
+        base_phase(args)
 
 
 def base_phase(args) -> None:
@@ -393,8 +401,8 @@ def base_phase(args) -> None:
 # ----------------------------------------------------------------------------- final phase
 
 
-def load_jobs(steps: int, quick: bool) -> list[dict]:
-    folder = root(steps, quick) / "jobs"
+def load_jobs(steps: int, quick: bool, seed: int | None = None) -> list[dict]:
+    folder = root(steps, quick, seed) / "jobs"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
@@ -650,11 +658,11 @@ def refine_phase(args) -> None:
 
 
 def status_phase(args) -> None:
-    jobs = read_queue(args.steps, args.quick)
-    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick)}
+    jobs = read_queue(args.steps, args.quick, args.seed)
+    done = {j["job"]["id"] for j in load_jobs(args.steps, args.quick, args.seed)}
     print(f"{len(done & {j['id'] for j in jobs})} of {len(jobs)} queued jobs done; not done: "
           + ", ".join(j["id"] for j in jobs if j["id"] not in done))
-    table = search_table(load_jobs(args.steps, args.quick))
+    table = search_table(load_jobs(args.steps, args.quick, args.seed))
     for set_name, sides in table.items():
         print(f"\n== {set_name} (search subset NLL; rank columns {RANKS})")
         for side in sorted(sides):
@@ -737,8 +745,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refine-lr", type=float, default=3e-3, help="refine: the lr of the refine runs")
     p.add_argument("--refine-ranks", default="1,4", help="refine: ranks to polish")
     p.add_argument("--refine-steps", default="5,10,20", help="refine: steps at which to measure (the last is the run's length)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed study: train/queue/worker/status/seeds in a folder of this seed's own, measured on the whole sets")
+    p.add_argument("--seeds", default="42,1,2", help="seeds: the seed studies to combine")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    if args.seed is not None and args.phase in ("final", "refine", "report"):
+        raise SystemExit(f"--seed is for train/queue/worker/status; the {args.phase} phase reads the lr grid (seed {DEFAULT_SEED})")
     args.sides = [s for s in args.sides.split(",") if s]
     unknown = [s for s in args.sides if s not in DEDICATED and s not in RECIPES]
     if unknown:

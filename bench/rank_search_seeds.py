@@ -1,0 +1,152 @@
+"""How much of a one-run recipe's gap to dedicated QLoRA runs is training noise: the same
+comparison repeated over training seeds (issue 9).
+
+`rank_search_variants.py` picks every side's learning rate on the search subsets with one
+seed (42). A gap of a few per cent measured with one training run per side can be the seed's
+luck (data order, initialisation, dropout, sampled ranks), which a bootstrap over prompts
+does not see. Here each side is trained again at its chosen lr with several seeds
+(`rank_search_variants.py queue/train --seed S`, measured on the whole sets) and the gaps
+are computed on the held-out rest of each set:
+
+- per seed: the recipe's NLL against the peer's, both trained with that seed (same data order);
+- pooled: the seed-mean NLL of the recipe over the seed-mean NLL of the best dedicated side
+  at that rank (plain or rsLoRA, whichever has the lower seed mean), with a 95 % interval from
+  a two-level bootstrap (seeds with replacement, then held-out prompts with replacement,
+  the same prompts for both sides) and one over prompts only (seeds fixed) to tell the two
+  sources of noise apart.
+
+    .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40]
+
+Writes results/rank_search_seeds.json and prints the Markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import rank_search_variants as grid  # noqa: E402
+
+N_RESAMPLES = 4000
+
+
+def held_out_cells(jobs: list[dict], first: int) -> dict:
+    """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
+    cells: dict = {}
+    for res in jobs:
+        if res.get("diverged") or "evals" not in res:
+            continue
+        job = res["job"]
+        for set_name, by_rank in res["evals"].items():
+            for r, v in by_rank.items():
+                side = job["side"]
+                cell = cells.setdefault((side, int(r)), {})
+                cell[set_name] = (np.asarray(v["sums"][first:], float), np.asarray(v["counts"][first:], float))
+                if side == "qlora" and int(r) == 1:     # alpha/sqrt(1) = alpha/1: rsLoRA's rank 1 is the same run
+                    cells.setdefault(("rslora", 1), {})[set_name] = cell[set_name]
+    return cells
+
+
+def seed_nll(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-token NLL of each seed (rows) from per-prompt sums and counts; works on resampled index arrays too."""
+    return sums.sum(axis=-1) / counts.sum(axis=-1)
+
+
+def pooled_gap(ours: tuple, theirs: tuple, rng: np.random.Generator, n: int = N_RESAMPLES) -> dict:
+    """Seed-mean NLL ratio − 1 with two-level and prompt-only 95 % intervals.
+
+    ours / theirs: (sums, counts), each an array of shape (seeds, prompts), seed k of both
+    trained with the same seed (so the pairing keeps their shared data order).
+    """
+    (su, cu), (st, ct) = ours, theirs
+    point = seed_nll(su, cu).mean() / seed_nll(st, ct).mean() - 1
+    k, p = su.shape
+    both, prompts_only = np.empty(n), np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, p, p)
+        prompts_only[i] = seed_nll(su[:, idx], cu[:, idx]).mean() / seed_nll(st[:, idx], ct[:, idx]).mean() - 1
+        seeds = rng.integers(0, k, k)
+        s_idx = np.ix_(seeds, idx)
+        both[i] = seed_nll(su[s_idx], cu[s_idx]).mean() / seed_nll(st[s_idx], ct[s_idx]).mean() - 1
+    per_seed = seed_nll(su, cu) / seed_nll(st, ct) - 1
+    return {"gap": float(point), "lo": float(np.quantile(both, 0.025)), "hi": float(np.quantile(both, 0.975)),
+            "prompts_only_lo": float(np.quantile(prompts_only, 0.025)), "prompts_only_hi": float(np.quantile(prompts_only, 0.975)),
+            "per_seed": [float(x) for x in per_seed]}
+
+
+def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = False, rng_seed: int = 0) -> dict:
+    rng = np.random.default_rng(rng_seed)
+    first = 4 if quick else grid.SEARCH_PROMPTS      # as rank_search_variants.held_out_items
+    per_seed = {s: held_out_cells(grid.load_jobs(steps, quick, s), first) for s in seeds}
+    common_keys = set.intersection(*(set(c) for c in per_seed.values()))
+    stack = {key: {set_name: tuple(np.stack([per_seed[s][key][set_name][j] for s in seeds]) for j in (0, 1))
+                   for set_name in grid.SETS}
+             for key in common_keys}
+    nll = {f"{side}|{r}": {set_name: [float(x) for x in seed_nll(*v)] for set_name, v in by_set.items()}
+           for (side, r), by_set in sorted(stack.items())}
+    out = {"seeds": seeds, "steps": steps, "nll_per_seed": nll, "sets": {}}
+    for set_name in grid.SETS:
+        peers, gaps, between = {}, {}, {}
+        for r in grid.RANKS:
+            cands = [(seed_nll(*stack[(side, r)][set_name]).mean(), side) for side in grid.DEDICATED if (side, r) in stack]
+            if cands:
+                peers[r] = min(cands)[1]
+        for recipe in recipes:
+            gaps[recipe] = {r: pooled_gap(stack[(recipe, r)][set_name], stack[(peers[r], r)][set_name], rng)
+                            for r in grid.RANKS if r in peers and (recipe, r) in stack}
+        # Ranks between the powers of two have no dedicated run here: recipe against the first recipe.
+        ref = recipes[0]
+        for recipe in recipes[1:]:
+            between[recipe] = {r: pooled_gap(stack[(recipe, r)][set_name], stack[(ref, r)][set_name], rng)
+                               for r in sorted(grid.RANKS + grid.BETWEEN_RANKS) if (recipe, r) in stack and (ref, r) in stack}
+        out["sets"][set_name] = {"peer": peers, "gaps": gaps, f"against_{ref}": between,
+                                 "prompts": int(next(iter(stack.values()))[set_name][0].shape[1])}
+    return out
+
+
+def _pct(g: dict) -> str:
+    return f"{100 * g['gap']:+.1f} % [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]"
+
+
+def report(res: dict) -> str:
+    lines = []
+    for set_name, s in res["sets"].items():
+        lines.append(f"\n**{set_name}** ({s['prompts']} held-out prompts, seeds {', '.join(map(str, res['seeds']))}): "
+                     "seed-mean NLL gap to the best dedicated run [95 % CI over seeds and prompts] (per seed)\n")
+        recipes = list(s["gaps"])
+        lines.append("| rank | best dedicated | its NLL per seed | " + " | ".join(recipes) + " |")
+        lines.append("|---|---|---|" + "---|" * len(recipes))
+        for r, peer in s["peer"].items():
+            peer_nll = "/".join(f"{x:.3f}" for x in res["nll_per_seed"][f"{peer}|{r}"][set_name])
+            cells = [f"{_pct(s['gaps'][rec][r])} ({'/'.join(f'{100 * x:+.1f}' for x in s['gaps'][rec][r]['per_seed'])})"
+                     for rec in recipes]
+            lines.append(f"| {r} | {peer} | {peer_nll} | " + " | ".join(cells) + " |")
+        for key, by_recipe in s.items():
+            if not key.startswith("against_"):
+                continue
+            for rec, by_rank in by_recipe.items():
+                lines.append(f"\n{rec} against {key[len('against_'):]} at every measured rank: " +
+                             ", ".join(f"{r}: {_pct(g)}" for r, g in by_rank.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="42,1,2")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--recipes", default="rowinv,rowinv_pow2", help="one-run recipes to compare (the first is the reference for in-between ranks)")
+    p.add_argument("--quick", action="store_true", help="read the --quick seed studies (2 steps)")
+    args = p.parse_args(argv)
+    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps,
+                  [r for r in args.recipes.split(",") if r], args.quick)
+    name = "rank_search_seeds" + ("_quick" if args.quick else "" if args.steps == 40 else f"_{args.steps}")
+    common.write_result(name, res, common.machine_info())
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()
