@@ -177,7 +177,8 @@ def estimate_training(
         length = min(float(max_length), 1.3 * float(tokens_per_example))
     tokens = int(round(batch_size * grad_accum * length))
     n = shape.params
-    mean_rank = {"low": r_max / 3, "high": 2 * r_max / 3}.get(rank_sampling, (r_max + 1) / 2)
+    powers = sorted({1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max} | {r_max})
+    mean_rank = {"low": r_max / 3, "high": 2 * r_max / 3, "pow2": sum(powers) / len(powers)}.get(rank_sampling, (r_max + 1) / 2)
     adapter_flops = 6 * shape.adapter_params(1) * mean_rank          # trained: fwd + both grads
     attention_flops = 3 * 4 * shape.layers * length * shape.hidden    # QKᵀ and AV, fwd + bwd
     flops_per_token = 4 * n + adapter_flops + attention_flops
