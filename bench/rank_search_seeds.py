@@ -108,6 +108,62 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     return out
 
 
+def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
+    """Greedy answers of every side at every rank of RANKS to the first GEN_PROMPTS held-out prompts of each set
+    (one seed: answers are slow on this CPU), cached in that seed's folder; {"side|rank": {set: [ROUGE-L]}}."""
+    from safetensors.torch import load_file
+
+    from core.evaluation.metrics import rouge_l_scores
+    from core.qdylora import set_rank
+    from core.runs import generate
+
+    folder = grid.root(steps, False, seed)
+    cache_path = folder / "answers.json"
+    cache = __import__("json").loads(cache_path.read_text()) if cache_path.is_file() else {}
+    jobs = {j["job"]["id"]: j for j in grid.load_jobs(steps, False, seed) if not j.get("diverged")}
+    items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
+    bench = grid.AdapterBench(steps, False)
+    for job_id, res in sorted(jobs.items()):
+        side = res["job"]["side"]
+        if side not in recipes and side not in grid.DEDICATED:
+            continue
+        ranks = grid.RANKS if side in recipes else [res["job"]["rank"]]
+        todo = [r for r in ranks if f"{side}|{r}" not in cache]
+        if not todo:
+            continue
+        bench.load(load_file(str(folder / "adapters" / f"{job_id}.safetensors")), res["scale_rule"])
+        bench.model.eval()
+        for r in todo:
+            set_rank(bench.model, r)
+            entry = {}
+            for name, its in items.items():
+                answers = generate(bench.model, bench.tokenizer, [it.prompt for it in its],
+                                   max_new_tokens=grid.MAX_NEW_TOKENS, batch_size=8)
+                entry[name] = rouge_l_scores(answers, [it.reference for it in its])
+            cache[f"{side}|{r}"] = entry
+            if side == "qlora" and r == 1:
+                cache["rslora|1"] = entry     # the same run (rank_search_variants.job_id)
+            cache_path.write_text(__import__("json").dumps(cache))
+            common.log(f"answers seed {seed} {side} rank {r}: " + ", ".join(f"{k} ROUGE-L {np.mean(v):.3f}" for k, v in entry.items()))
+    return cache
+
+
+def rouge_gaps(cache: dict, peers: dict, recipes: list[str]) -> dict:
+    """{set: {recipe: {rank: ROUGE-L difference to that rank's peer, 95 % CI}}} (paired over prompts)."""
+    from core.evaluation.stats import bootstrap_mean_ci
+
+    out: dict = {}
+    for set_name, by_rank in peers.items():
+        for recipe in recipes:
+            for r, peer in by_rank.items():
+                ours, theirs = cache.get(f"{recipe}|{r}"), cache.get(f"{peer}|{r}")
+                if ours and theirs:
+                    diff = [a - b for a, b in zip(ours[set_name], theirs[set_name])]
+                    out.setdefault(set_name, {}).setdefault(recipe, {})[r] = vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0)) | {
+                        "ours": float(np.mean(ours[set_name])), "peer": float(np.mean(theirs[set_name]))}
+    return out
+
+
 def _pct(g: dict) -> str:
     return f"{100 * g['gap']:+.1f} % [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]"
 
@@ -131,6 +187,13 @@ def report(res: dict) -> str:
             for rec, by_rank in by_recipe.items():
                 lines.append(f"\n{rec} against {key[len('against_'):]} at every measured rank: " +
                              ", ".join(f"{r}: {_pct(g)}" for r, g in by_rank.items()))
+    if "rouge_l" in res:
+        rl = res["rouge_l"]
+        lines.append(f"\nROUGE-L of {rl['prompts_per_set']} greedy answers per set (seed {rl['seed']}), difference to the same peer [95 % CI]:\n")
+        for set_name, by_recipe in rl["gaps"].items():
+            for recipe, by_rank in by_recipe.items():
+                lines.append(f"- {set_name}, {recipe}: " + ", ".join(
+                    f"{r}: {g['ours']:.3f} ({g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}])" for r, g in by_rank.items()))
     return "\n".join(lines)
 
 
@@ -140,9 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--recipes", default="rowinv,rowinv_pow2", help="one-run recipes to compare (the first is the reference for in-between ranks)")
     p.add_argument("--quick", action="store_true", help="read the --quick seed studies (2 steps)")
+    p.add_argument("--answers-seed", type=int, default=None,
+                   help="also generate answers with this seed's runs (ROUGE-L against the pooled peer at each rank)")
+    p.add_argument("--answers-only", action="store_true", help="generate the answers (cached) and stop")
     args = p.parse_args(argv)
-    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps,
-                  [r for r in args.recipes.split(",") if r], args.quick)
+    recipes = [r for r in args.recipes.split(",") if r]
+    if args.answers_only:
+        answers_phase(args.answers_seed, args.steps, recipes)
+        return
+    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick)
+    if args.answers_seed is not None:
+        cache = answers_phase(args.answers_seed, args.steps, recipes)
+        res["rouge_l"] = {"seed": args.answers_seed, "prompts_per_set": grid.GEN_PROMPTS,
+                          "gaps": rouge_gaps(cache, {s: v["peer"] for s, v in res["sets"].items()}, recipes)}
     name = "rank_search_seeds" + ("_quick" if args.quick else "" if args.steps == 40 else f"_{args.steps}")
     common.write_result(name, res, common.machine_info())
     print(report(res))

@@ -23,8 +23,8 @@ LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on 
 LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, lr 3e-3, α 16 — the best one-run recipe on the "
-                   "sample data at 40 steps: NLL within −1…+5 % of a dedicated QLoRA run on new wordings and +2…+12 % on "
-                   "verbatim recall at ranks 1–16 (one constant scale: up to +27 %), answers as good at every rank; SVD "
+                   "sample data at 40 steps (3 seeds): NLL within +1…+6 % of a dedicated QLoRA run on new wordings and "
+                   "+7…+10 % on verbatim recall at ranks 1–16 (one constant scale: up to +27 %), answers as good at every rank; SVD "
                    "truncation has lower NLL at ranks 8–16 but weaker answers at ranks 1–8 (bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
