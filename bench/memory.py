@@ -134,6 +134,9 @@ def child(spec: dict) -> dict:
 def install_rss_trace(trainer, proc) -> list:
     """RSS (MiB) at each decoder layer's forward and backward and after each optimizer step:
     where in a step the training peak is reached, and which part of the step holds it."""
+    from core import train as train_module
+    from core.lm_loss import decoder_of
+
     events: list = []
     step = [0]
 
@@ -150,9 +153,6 @@ def install_rss_trace(trainer, proc) -> list:
         step[0] += 1
 
     trainer.optimizer.register_step_post_hook(after_step)
-    from core import train as train_module
-    from core.lm_loss import decoder_of
-
     decoder_of(trainer.model).register_forward_hook(lambda *_: mark("decoder output"))
     trainer.optimizer.register_step_pre_hook(lambda *_: mark("before step"))
     save = train_module._save_checkpoint

@@ -22,6 +22,7 @@ Writes results/rank_search_seeds.json and prints the Markdown tables.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -80,8 +81,7 @@ def pooled_gap(ours: tuple, theirs: tuple, rng: np.random.Generator, n: int = N_
 
 def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = False, rng_seed: int = 0) -> dict:
     rng = np.random.default_rng(rng_seed)
-    first = 4 if quick else grid.SEARCH_PROMPTS      # as rank_search_variants.held_out_items
-    per_seed = {s: held_out_cells(grid.load_jobs(steps, quick, s), first) for s in seeds}
+    per_seed = {s: held_out_cells(grid.load_jobs(steps, quick, s), grid.held_out_start(quick)) for s in seeds}
     common_keys = set.intersection(*(set(c) for c in per_seed.values()))
     stack = {key: {set_name: tuple(np.stack([per_seed[s][key][set_name][j] for s in seeds]) for j in (0, 1))
                    for set_name in grid.SETS}
@@ -119,7 +119,7 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
 
     folder = grid.root(steps, False, seed)
     cache_path = folder / "answers.json"
-    cache = __import__("json").loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     jobs = {j["job"]["id"]: j for j in grid.load_jobs(steps, False, seed) if not j.get("diverged")}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
@@ -143,7 +143,7 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
             cache[f"{side}|{r}"] = entry
             if side == "qlora" and r == 1:
                 cache["rslora|1"] = entry     # the same run (rank_search_variants.job_id)
-            cache_path.write_text(__import__("json").dumps(cache))
+            cache_path.write_text(json.dumps(cache))
             common.log(f"answers seed {seed} {side} rank {r}: " + ", ".join(f"{k} ROUGE-L {np.mean(v):.3f}" for k, v in entry.items()))
     return cache
 

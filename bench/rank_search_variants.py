@@ -197,11 +197,16 @@ def eval_items(quick: bool, full: bool) -> dict:
     return {name: load_eval_set(path).items[:n] for name, path in SETS.items()}
 
 
+def held_out_start(quick: bool) -> int:
+    """Index of the first prompt of each set that the lr search never saw."""
+    return 4 if quick else SEARCH_PROMPTS
+
+
 def held_out_items(quick: bool) -> dict:
     """The prompts the lr search never saw: final numbers free of the bias of picking the best lr on them."""
     from core.data import load_eval_set
 
-    first = 4 if quick else SEARCH_PROMPTS
+    first = held_out_start(quick)
     return {name: load_eval_set(path).items[first:] for name, path in SETS.items()}
 
 

@@ -177,8 +177,14 @@ def estimate_training(
         length = min(float(max_length), 1.3 * float(tokens_per_example))
     tokens = int(round(batch_size * grad_accum * length))
     n = shape.params
-    powers = sorted({1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max} | {r_max})
-    mean_rank = {"low": r_max / 3, "high": 2 * r_max / 3, "pow2": sum(powers) / len(powers)}.get(rank_sampling, (r_max + 1) / 2)
+    if rank_sampling == "pow2":
+        from core.qdylora.config import QDyLoRAConfig   # torch-free, as is sampling
+        from core.qdylora.sampling import candidate_ranks
+
+        powers = candidate_ranks(QDyLoRAConfig(r_max=r_max, rank_sampling="pow2"))[0]
+        mean_rank = sum(powers) / len(powers)
+    else:
+        mean_rank = {"low": r_max / 3, "high": 2 * r_max / 3}.get(rank_sampling, (r_max + 1) / 2)
     adapter_flops = 6 * shape.adapter_params(1) * mean_rank          # trained: fwd + both grads
     attention_flops = 3 * 4 * shape.layers * length * shape.hidden    # QKᵀ and AV, fwd + bwd
     flops_per_token = 4 * n + adapter_flops + attention_flops
