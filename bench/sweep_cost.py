@@ -29,6 +29,7 @@ or an existing run folder given with --run):
     with and without the latency phases (which a QLoRA comparison may leave out).
 
     .venv/bin/python bench/sweep_cost.py [--quick] [--run RUN_DIR] [--skip-search]
+    .venv/bin/python bench/sweep_cost.py --train-steps 200 --search-only --tag steps200   # (d) at the CLI's default budget
 """
 from __future__ import annotations
 
@@ -56,17 +57,17 @@ TARGET_SEARCH = 4.0
 TRAIN_INFO = "bench_train.json"   # wall time of the training this script did, next to the run
 
 
-def ensure_run(run: str | None, quick: bool) -> Path:
+def ensure_run(run: str | None, quick: bool, steps: int = 40) -> Path:
     from core.train import TrainConfig, train
 
     if run:
         return Path(run)
-    out = common.TMP / ("sweep_cost_run_quick" if quick else "sweep_cost_run_40")
+    out = common.TMP / ("sweep_cost_run_quick" if quick else f"sweep_cost_run_{steps}")
     if (out / "adapter" / "adapter.safetensors").is_file() and (out / TRAIN_INFO).is_file():
         common.log(f"reusing {out}")
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), r_max=16, steps=2 if quick else 40,
+    cfg = TrainConfig(data=str(common.TRAIN_FILE), out=str(out), r_max=16, steps=2 if quick else steps,
                       batch_size=4, max_length=128 if quick else 256, seed=42)
     common.log(f"training {out} ({cfg.steps} steps)")
     t0 = time.perf_counter()
@@ -261,6 +262,10 @@ def main() -> None:
     p.add_argument("--latency-prompts", type=int, default=1)
     p.add_argument("--latency-tokens", type=int, default=8)
     p.add_argument("--skip-search", action="store_true", help="leave out part (d)")
+    p.add_argument("--search-only", action="store_true", help="only part (d) (the search), e.g. at another --train-steps")
+    p.add_argument("--train-steps", type=int, default=40, help="steps of the run this script trains (40: the demo budget; "
+                                                                 "200: the CLI's default)")
+    p.add_argument("--tag", default="", help="write results/sweep_cost_<tag>.json beside the main result")
     p.add_argument("--search-ranks", default="1,2,4,8,16")
     p.add_argument("--search-prompts", type=int, default=40)
     p.add_argument("--search-tokens", type=int, default=64)
@@ -274,50 +279,52 @@ def main() -> None:
         n_prompts, rounds, lat_rounds, switches = 2, 1, 1, 200
         args.max_new_tokens, args.latency_tokens = 8, 4
         search_ranks, args.search_prompts, args.search_tokens = [1, 4], 2, 8
-    run = ensure_run(args.run, args.quick)
-    with common.Timer() as t_load:
-        loaded = load_run(run)
-    common.log(f"loaded {run} in {t_load.s:.1f}s")
-    switch = part_switch(loaded, switches)
-    print(f"(a) set_rank: median {switch['ms']['median']:.3f} ms, p95 {switch['p95_ms']:.3f} ms over {switches} switches "
-          f"({switch['layers']} layers) (target < {TARGET_SWITCH_MS} ms)")
-    sweep = part_sweep(loaded, run, ranks, n_prompts, rounds, args.max_new_tokens)
-    print(f"(b) sweep of ranks {ranks} on {n_prompts} prompts: end to end {sweep['sweep_total_s']['median']:.1f}s "
-          f"(rank loop {sweep['sweep_loop_s']['median']:.1f}s) vs sum of single-rank evaluations {sweep['sum_single_s']['median']:.1f}s: "
-          f"ratio end to end {sweep['ratio_total']['median']:.3f}, rank loop {sweep['ratio_loop']['median']:.3f} (target <= {TARGET_SWEEP_RATIO})")
-    latency = part_latency(loaded, ranks, lat_rounds, args.latency_prompts, args.latency_tokens, 3)
-    for b, row in latency["per_rank"].items():
-        print(f"(c) rank {b:>2}: ms/token unmerged {row['unmerged_ms_per_token']:.1f}, merged {row['merged_ms_per_token']:.1f}, "
-              f"base {row['base_ms_per_token']:.1f}; merged/base {row['ratio_merged_base']['median']:.3f}, "
-              f"unmerged/merged {row['ratio_unmerged_merged']['median']:.3f}")
-    search = None
-    if not args.skip_search:
+    run = ensure_run(args.run, args.quick, args.train_steps)
+    switch = sweep = latency = load_run_s = None
+    targets = {}
+    if not args.search_only:
+        with common.Timer() as t_load:
+            loaded = load_run(run)
+        common.log(f"loaded {run} in {t_load.s:.1f}s")
+        load_run_s = t_load.s
+        switch = part_switch(loaded, switches)
+        print(f"(a) set_rank: median {switch['ms']['median']:.3f} ms, p95 {switch['p95_ms']:.3f} ms over {switches} switches "
+              f"({switch['layers']} layers) (target < {TARGET_SWITCH_MS} ms)")
+        sweep = part_sweep(loaded, run, ranks, n_prompts, rounds, args.max_new_tokens)
+        print(f"(b) sweep of ranks {ranks} on {n_prompts} prompts: end to end {sweep['sweep_total_s']['median']:.1f}s "
+              f"(rank loop {sweep['sweep_loop_s']['median']:.1f}s) vs sum of single-rank evaluations {sweep['sum_single_s']['median']:.1f}s: "
+              f"ratio end to end {sweep['ratio_total']['median']:.3f}, rank loop {sweep['ratio_loop']['median']:.3f} (target <= {TARGET_SWEEP_RATIO})")
+        latency = part_latency(loaded, ranks, lat_rounds, args.latency_prompts, args.latency_tokens, 3)
+        for b, row in latency["per_rank"].items():
+            print(f"(c) rank {b:>2}: ms/token unmerged {row['unmerged_ms_per_token']:.1f}, merged {row['merged_ms_per_token']:.1f}, "
+                  f"base {row['base_ms_per_token']:.1f}; merged/base {row['ratio_merged_base']['median']:.3f}, "
+                  f"unmerged/merged {row['ratio_unmerged_merged']['median']:.3f}")
         del loaded
         gc.collect()
+        worst_merged = max(abs(row["ratio_merged_base"]["median"] - 1) for b, row in latency["per_rank"].items() if b > 0)
+        targets = {
+            f"set_rank_median_ms_lt_{TARGET_SWITCH_MS}": {"value": switch["ms"]["median"], "met": switch["ms"]["median"] < TARGET_SWITCH_MS},
+            f"sweep_end_to_end_ratio_le_{TARGET_SWEEP_RATIO}": {"value": sweep["ratio_total"]["median"], "met": sweep["ratio_total"]["median"] <= TARGET_SWEEP_RATIO},
+            f"sweep_rank_loop_ratio_le_{TARGET_SWEEP_RATIO}": {"value": sweep["ratio_loop"]["median"], "met": sweep["ratio_loop"]["median"] <= TARGET_SWEEP_RATIO},
+            "merged_within_5pct_of_base_all_ranks": {"value": worst_merged, "met": worst_merged <= TARGET_MERGED},
+        }
+    search = None
+    if not args.skip_search:
         search = part_search(run, search_ranks, args.search_prompts, args.search_tokens, args.quick)
         print(f"(d) {len(search_ranks)}-rank sweep of {args.search_prompts} prompts x {args.search_tokens} tokens: "
               f"{search['sweep_total_s']:.0f}s end to end (target < {TARGET_SWEEP_S:.0f}s; quality on the {search['quality_path']} "
               f"copy); training {search['train_s'] or float('nan'):.0f}s; search ratio "
               f"{search.get('search_ratio_with_latency', float('nan')):.2f} with latency, "
               f"{search.get('search_ratio_quality_only', float('nan')):.2f} quality only (target >= {TARGET_SEARCH})")
-    worst_merged = max(abs(row["ratio_merged_base"]["median"] - 1) for b, row in latency["per_rank"].items() if b > 0)
-    targets = {
-        f"set_rank_median_ms_lt_{TARGET_SWITCH_MS}": {"value": switch["ms"]["median"], "met": switch["ms"]["median"] < TARGET_SWITCH_MS},
-        f"sweep_end_to_end_ratio_le_{TARGET_SWEEP_RATIO}": {"value": sweep["ratio_total"]["median"], "met": sweep["ratio_total"]["median"] <= TARGET_SWEEP_RATIO},
-        f"sweep_rank_loop_ratio_le_{TARGET_SWEEP_RATIO}": {"value": sweep["ratio_loop"]["median"], "met": sweep["ratio_loop"]["median"] <= TARGET_SWEEP_RATIO},
-        "merged_within_5pct_of_base_all_ranks": {"value": worst_merged, "met": worst_merged <= TARGET_MERGED},
-    }
-    if search:
         targets[f"five_rank_sweep_under_{TARGET_SWEEP_S:.0f}s"] = {"value": search["sweep_total_s"],
                                                                    "met": search["sweep_total_s"] < TARGET_SWEEP_S}
         for name in ("with_latency", "quality_only"):
             value = search.get(f"search_ratio_{name}")
             if value is not None:
                 targets[f"search_ratio_{name}_ge_{TARGET_SEARCH}"] = {"value": value, "met": value >= TARGET_SEARCH}
-    common.write_result(common.result_name("sweep_cost", args.quick), {
-        "config": vars(args) | {"run": str(run)}, "load_run_s": t_load.s, "switch": switch, "sweep": sweep,
+    common.write_result(common.result_name("sweep_cost", args.quick, args.tag), {
+        "config": vars(args) | {"run": str(run)}, "load_run_s": load_run_s, "switch": switch, "sweep": sweep,
         "latency": latency, "search": search, "targets": targets}, info)
-
 
 if __name__ == "__main__":
     main()

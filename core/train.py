@@ -30,7 +30,7 @@ from core.preflight import check_output_folder, check_target_modules, make_outpu
 from core.prompting import EncodedExample, collate, encode_example
 from core.qdylora import RankSampler, inject_qdylora, save_adapter, set_rank
 from core.qdylora.inject import (
-    UntrainedRowGuard, adapter_param_count, adapter_parameters, adapter_state_dict, load_adapter_state_dict, set_example_ranks,
+    adapter_param_count, adapter_parameters, adapter_state_dict, load_adapter_state_dict, row_step_rule, set_example_ranks,
 )
 from core.train_config import CONFIG_FILE, TrainConfig, load_run_config  # noqa: F401 (re-exported)
 
@@ -495,9 +495,9 @@ class Trainer:
         set_rank(self.model, max(sampled + extra))
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        guard = UntrainedRowGuard(self.model, max(sampled + extra), self.qcfg.update)
+        rows = row_step_rule(self.model, self.qcfg, max(sampled + extra))
         self.optimizer.step()
-        guard.restore()
+        rows.restore()
         self.scheduler.step()
         return total_loss, tokens
 

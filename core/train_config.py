@@ -12,7 +12,8 @@ from core.errors import RunError, UserError
 from core.fileio import DamagedFile, read_json
 from core.model_spec import DEVICE_CHOICES, QUANT_CHOICES, ModelSpec
 from core.qdylora.config import (
-    EXTRA_RANKS_CHOICES, LEGACY_SCALE, METHOD_CHOICES, RANK_SAMPLING_CHOICES, SCALE_CHOICES, UPDATE_CHOICES, QDyLoRAConfig,
+    EXTRA_RANKS_CHOICES, LEGACY_ROW_STEPS, LEGACY_SCALE, METHOD_CHOICES, RANK_SAMPLING_CHOICES, ROW_STEPS_CHOICES, SCALE_CHOICES,
+    UPDATE_CHOICES, QDyLoRAConfig,
 )
 from core.validation import number_problem
 
@@ -49,6 +50,7 @@ class TrainConfig(ConfigDict):
     rank_sampling: str = field(default="uniform", metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
     update: str = field(default="full", metadata={"choices": UPDATE_CHOICES, "help": "full (rows 1..b learn) or frozen (only row b learns)."})
+    row_steps: str | None = field(default=None, metadata={"choices": ROW_STEPS_CHOICES, "help": "Rows a step did not train: hold (stay put), momentum (AdamW's momentum moves them) or balanced (momentum, and row i's step scaled by 1/sqrt(P(row i trained))); unset = the method's default."})
     scale: str | None = field(default=None, metadata={"choices": SCALE_CHOICES, "help": "Scale at rank b: alpha/b, alpha/sqrt(b), constant, or per row alpha/i, alpha/sqrt(i) (see QDyLoRAConfig); unset = the method's measured best."})
     ranks_per_step: int = field(default=1, metadata={"help": "Ranks per optimizer step (k groups of the step's examples, stratified)."})
     extra_ranks: str = field(default="none", metadata={"choices": EXTRA_RANKS_CHOICES, "help": "Sandwich rule: none, max (also train r_max every step) or min_max."})
@@ -101,7 +103,7 @@ class TrainConfig(ConfigDict):
                 problems.append(f"ranks_per_step ({qcfg.ranks_per_step}) cannot exceed the examples per step "
                                 f"(batch_size × grad_accum = {self.batch_size * self.grad_accum})")
             # The method resolves the scale (when unset) and sampling fields (svd trains at r_max only): keep them resolved.
-            self.scale, self.rank_sampling, self.rank_list = qcfg.scale, qcfg.rank_sampling, qcfg.rank_list
+            self.scale, self.rank_sampling, self.rank_list, self.row_steps = qcfg.scale, qcfg.rank_sampling, qcfg.rank_list, qcfg.row_steps
             self.ranks_per_step, self.extra_ranks, self.distill = qcfg.ranks_per_step, qcfg.extra_ranks, qcfg.distill
         if (self.init_from is None) != (self.init_rank is None):
             problems.append("init_from and init_rank go together")
@@ -116,13 +118,13 @@ class TrainConfig(ConfigDict):
     def from_dict(cls, data: dict) -> "TrainConfig":
         # A run saved before the method, the scale rule or packing existed was a QDyLoRA run trained with
         # alpha/b on padded rows, whatever today's defaults.
-        legacy = {"method": LEGACY_METHOD, "scale": LEGACY_SCALE, "batching": LEGACY_BATCHING}
+        legacy = {"method": LEGACY_METHOD, "scale": LEGACY_SCALE, "batching": LEGACY_BATCHING, "row_steps": LEGACY_ROW_STEPS}
         return super().from_dict(legacy | data if isinstance(data, dict) else data)
 
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(
             r_max=self.r_max, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update, scale=self.scale,
+            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update, scale=self.scale, row_steps=self.row_steps,
             ranks_per_step=self.ranks_per_step, extra_ranks=self.extra_ranks, distill=self.distill, method=self.method,
         )
 

@@ -434,6 +434,9 @@ SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoR
                 "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)",
                 "alpha/i": "α / i per row (each row keeps its scale at every rank, so low ranks learn fast)",
                 "alpha/sqrt(i)": "α / √i per row (row i keeps its scale at every rank)"}
+ROW_STEPS_LABELS = {None: "the method's recommended rule", "hold": "hold (rows a step did not train stay put)",
+                    "momentum": "momentum (they keep moving by AdamW's momentum)",
+                    "balanced": "balanced (momentum, and rarely trained rows take larger steps)"}
 
 
 def _recipe_defaults() -> dict:
@@ -445,7 +448,7 @@ def _recipe_defaults() -> dict:
     # The fields' own defaults, not a resolved config's: svd records its sampling as "list [r_max]",
     # which the form must not carry over to another r_max or method.
     d = {f.name: f.default for f in fields(TrainConfig)}
-    return dict(method=d["method"], scale=None, rank_sampling=d["rank_sampling"], ranks_per_step=d["ranks_per_step"],
+    return dict(method=d["method"], scale=None, row_steps=None, rank_sampling=d["rank_sampling"], ranks_per_step=d["ranks_per_step"],
                 alpha=d["alpha"], lr=d["lr"], update=d["update"])
 
 
@@ -483,6 +486,7 @@ class TrainForm:
     seed: int = 42
     method: str = "qdylora"
     scale: str | None = None        # None: the method's recommended rule
+    row_steps: str | None = None    # None: the method's recommended rule
     ranks_per_step: int = 1
     processes: int = 1          # data-parallel training processes (qdylora train --processes)
 
@@ -516,7 +520,7 @@ def train_problems(form: TrainForm) -> list[str]:
                     alpha=form.alpha, rank_sampling=form.rank_sampling, rank_list=ranks, update=form.update,
                     steps=form.steps, batch_size=form.batch_size, grad_accum=form.grad_accum, lr=form.lr,
                     max_length=form.max_length, seed=form.seed, method=form.method, scale=form.scale,
-                    ranks_per_step=form.ranks_per_step)
+                    row_steps=form.row_steps, ranks_per_step=form.ranks_per_step)
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
@@ -538,6 +542,8 @@ def train_args(form: TrainForm) -> list[str]:
             "--grad-accum", form.grad_accum, "--lr", form.lr, "--max-length", form.max_length,
             "--seed", form.seed, "--checkpoint-every", max(1, min(10, form.steps // 4 or 1)), "--no-progress",
             "--method", form.method, "--ranks-per-step", form.ranks_per_step] + (["--scale", form.scale] if form.scale else [])
+    if form.row_steps:
+        args += ["--row-steps", form.row_steps]
     if form.rank_sampling == "list":
         args += ["--rank-list", form.rank_list.replace(" ", "")]
     if form.processes > 1:

@@ -7,7 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
-from core.qdylora.config import METHOD_SCALE, PER_ROW_RULES
+from core.qdylora.config import METHOD_ROW_STEPS, METHOD_SCALE, PER_ROW_RULES
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -134,6 +134,7 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     sampling_applies = method == "qdylora"
     recipe = wd.train_form_defaults(values["preset"])
     update, sampling, rank_list, ranks_per_step = recipe["update"], recipe["rank_sampling"], "", recipe["ranks_per_step"]
+    row_steps = recipe["row_steps"]
     if sampling_applies:
         update = keep("update", c[1].radio(
             "Update mode", updates, index=updates.index(values["update"]), key=field_key("update"),
@@ -160,6 +161,13 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
         ranks_per_step = keep("ranks_per_step", ui.number_field(
             c[1], "Ranks per step", int(values["ranks_per_step"]), limits["ranks_per_step"], key=field_key("ranks_per_step"),
             step=1, help="Each step splits its examples into this many groups, each trained at its own rank (no extra cost)."))
+        row_rules = list(wd.ROW_STEPS_LABELS)
+        row_steps = keep("row_steps", c[2].selectbox(
+            "Rows a step did not train", row_rules,
+            index=row_rules.index(values["row_steps"]) if values.get("row_steps") in row_rules else 0, key=field_key("row_steps"),
+            format_func=lambda rule: wd.ROW_STEPS_LABELS[rule] if rule
+            else f"recommended for the method: {wd.ROW_STEPS_LABELS[METHOD_ROW_STEPS[method]]}",
+            help="What the optimizer does to the adapter rows above a step's rank (bench/README.md §6.7)."))
     st.caption(RECIPE_EVIDENCE)
     c = st.columns(4)
     r_max = keep("r_max", ui.number_field(c[0], "r_max (largest rank)", int(values["r_max"]), limits["r_max"],
@@ -188,7 +196,8 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
                         batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum),
-                        method=method, scale=scale, ranks_per_step=int(ranks_per_step), processes=int(processes))
+                        method=method, scale=scale, row_steps=row_steps, ranks_per_step=int(ranks_per_step),
+                        processes=int(processes))
     problems = wd.train_problems(form)
 
     # -------- estimate before launch

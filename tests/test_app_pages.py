@@ -207,8 +207,19 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert args[args.index("--alpha") + 1] == str(standard["alpha"]) and args[args.index("--lr") + 1] == str(standard["lr"])
     assert args[args.index("--method") + 1] == standard["method"]
     assert "--scale" not in args and standard["scale"] is None      # the method's recommended rule
+    assert "--row-steps" not in args and standard["row_steps"] is None
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
+
+
+def test_train_page_passes_the_chosen_row_steps_and_refuses_them_with_frozen_updates(workspace):
+    at = app("train")
+    field(at.selectbox, "Rows a step did not train").set_value("balanced").run()
+    button(at, "Start training").click().run()
+    args = workspace.submitted[-1]["args"]
+    assert args[args.index("--row-steps") + 1] == "balanced"
+    field(at.radio, "Update mode").set_value("frozen").run()
+    assert any("row_steps 'hold'" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switches(workspace):

@@ -525,6 +525,8 @@ CLI_CASES = [
     (TRAIN + ["--scale", "alpha"], ["--scale", "invalid choice"]),
     (TRAIN + ["--method", "lora"], ["--method", "invalid choice"]),
     (TRAIN + ["--extra-ranks", "all"], ["--extra-ranks", "invalid choice"]),
+    (TRAIN + ["--row-steps", "drift"], ["--row-steps", "invalid choice"]),
+    (QDYLORA + ["--update", "frozen", "--row-steps", "balanced"], ["row_steps 'hold'"]),
     (TRAIN + ["--ranks-per-step", "abc"], ["--ranks-per-step", "invalid int"]),
     (QDYLORA + ["--ranks-per-step", "0"], ["ranks_per_step"]),
     (QDYLORA + ["--ranks-per-step", "-2"], ["ranks_per_step"]),

@@ -148,7 +148,7 @@ def test_refine_through_the_cli_and_its_bad_input(tiny_model_dir, small_train_fi
         code, err = cli_in_process("refine", *[x for kv in base.items() for x in kv], "--no-progress")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "new").exists()
-    for flag, value in [("--scale", "alpha*b"), ("--method", "magic"), ("--extra-ranks", "all")]:
+    for flag, value in [("--scale", "alpha*b"), ("--method", "magic"), ("--extra-ranks", "all"), ("--row-steps", "drift")]:
         code, err = cli_in_process("train", "--data", str(small_train_file), "--model", str(tiny_model_dir), flag, value,
                                    "--out", str(tmp_path / "bad"))
         assert code == 2 and value in err and len(err.strip().splitlines()) == 1, err

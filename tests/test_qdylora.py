@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from core.qdylora import QDyLoRAConfig, RankSampler, get_rank, inject_qdylora, lora_scale, qdylora_layers, set_rank
-from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_state_dict, find_target_modules
+from core.qdylora.inject import UntrainedRowGuard, adapter_param_count, adapter_state_dict, find_target_modules, row_step_rule
 from core.qdylora.layer import DynamicRankLoRALinear
-from core.qdylora.sampling import candidate_ranks
+from core.qdylora.sampling import balanced_row_multipliers, candidate_ranks, row_train_probabilities
 
 
 class TwoLayer(nn.Module):
@@ -131,6 +131,87 @@ def test_untrained_rows_do_not_move_under_adamw(update):
                 same = torch.equal(before[key].select(dim, row), after[key].select(dim, row))
                 if row not in trained:
                     assert same, f"{key} row {row} moved at rank {rank}"
+
+
+# --- what AdamW does to rows a step did not train (row_steps) ---
+
+@pytest.mark.parametrize("cfg", [QDyLoRAConfig(r_max=8), QDyLoRAConfig(r_max=8, rank_sampling="pow2"),
+                                 QDyLoRAConfig(r_max=8, rank_sampling="high", ranks_per_step=3),
+                                 QDyLoRAConfig(r_max=8, rank_sampling="list", rank_list=[2, 5])])
+def test_row_train_probabilities_are_how_often_the_sampler_trains_each_row(cfg):
+    sampler, draws = RankSampler(cfg, seed=3), 20000
+    largest = [max(sampler.sample_step(cfg.ranks_per_step)) for _ in range(draws)]
+    seen = [sum(b >= row for b in largest) / draws for row in range(1, cfg.r_max + 1)]
+    assert row_train_probabilities(cfg) == pytest.approx(seen, abs=0.015)
+
+
+def test_balanced_multipliers_follow_the_square_root_rule():
+    assert row_train_probabilities(QDyLoRAConfig(r_max=4)) == pytest.approx([1, 0.75, 0.5, 0.25])
+    assert balanced_row_multipliers(QDyLoRAConfig(r_max=4)) == pytest.approx([1, 0.75 ** -0.5, 2 ** 0.5, 2])
+    assert balanced_row_multipliers(QDyLoRAConfig(r_max=4, extra_ranks="max")) == [1.0] * 4  # r_max trained every step
+    assert balanced_row_multipliers(QDyLoRAConfig(r_max=4, rank_sampling="list", rank_list=[2])) == [1.0] * 4  # rows 3-4: never trained
+
+
+def _adamw_steps(row_steps: str, ranks=(6, 2, 3)):
+    """Adapter values after each AdamW step at the given ranks (same data and init for every rule)."""
+    torch.manual_seed(0)
+    model = TwoLayer()
+    cfg = QDyLoRAConfig(r_max=6, row_steps=row_steps, dropout=0.0)
+    inject_qdylora(model, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    inputs = torch.Generator().manual_seed(1)
+    states = [{k: v.clone() for k, v in adapter_state_dict(model).items()}]
+    for rank in ranks:
+        set_rank(model, rank)
+        model.train()
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=inputs)).pow(2).sum().backward()
+        rule = row_step_rule(model, cfg, rank)
+        opt.step()
+        rule.restore()
+        states.append({k: v.clone() for k, v in adapter_state_dict(model).items()})
+    return cfg, states
+
+
+def test_momentum_rows_keep_moving_when_not_trained_and_hold_rows_do_not():
+    _, hold = _adamw_steps("hold")
+    _, momentum = _adamw_steps("momentum")
+    a = next(k for k in hold[0] if k.endswith("lora_A"))
+    # step 2 trains rank 2: rows 3..6 got momentum at step 1 (rank 6)
+    assert torch.equal(hold[2][a][2:], hold[1][a][2:])
+    assert not torch.equal(momentum[2][a][2:], momentum[1][a][2:])
+    assert torch.equal(hold[1][a], momentum[1][a])    # the first step trains every row: no difference yet
+
+
+def test_balanced_row_steps_scale_each_rows_adamw_step_by_its_multiplier():
+    """Balanced differs from momentum only by a per-row factor on the step (the optimizer state is the same)."""
+    cfg, momentum = _adamw_steps("momentum", ranks=(6,))
+    _, balanced = _adamw_steps("balanced", ranks=(6,))
+    m = torch.tensor(balanced_row_multipliers(cfg))
+    assert m[-1] > m[0] == 1.0
+    for key in momentum[0]:
+        step = momentum[1][key] - momentum[0][key]
+        scaled = step * (m[:, None] if key.endswith("lora_A") else m[None, :])
+        torch.testing.assert_close(balanced[1][key] - balanced[0][key], scaled, rtol=1e-5, atol=1e-7)
+
+
+def test_row_steps_validation_and_legacy_runs():
+    from core.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match="row_steps must be one of"):
+        QDyLoRAConfig(row_steps="drift")
+    with pytest.raises(ValueError, match="row_steps 'hold'"):
+        QDyLoRAConfig(update="frozen", row_steps="momentum")
+    with pytest.raises(ValueError, match="row_steps applies to method qdylora only"):
+        QDyLoRAConfig(method="svd", row_steps="balanced")
+    assert QDyLoRAConfig(method="svd").row_steps == "hold"
+    saved = TrainConfig(data="d", out="o", row_steps="balanced").to_dict()
+    assert TrainConfig.from_dict(saved).row_steps == "balanced"
+    del saved["row_steps"]
+    assert TrainConfig.from_dict(saved).row_steps == "hold"   # runs saved before the option held their rows
+    old = QDyLoRAConfig(r_max=8, row_steps="momentum").to_dict()
+    del old["row_steps"]
+    assert QDyLoRAConfig.from_dict(old).row_steps == "hold"
 
 
 def test_linear4bit_base_on_cpu():

@@ -232,6 +232,28 @@ def test_sandwich_rule_trains_every_row_each_step(tiny_model_dir, small_train_fi
     trainer.cleanup()
 
 
+@pytest.mark.parametrize("row_steps", ["hold", "momentum", "balanced"])
+def test_the_row_steps_rule_decides_whether_rows_above_the_step_rank_move(tiny_model_dir, small_train_file, tmp_path, row_steps):
+    import json
+
+    from core.qdylora import qdylora_layers
+    from core.train import Trainer
+
+    cfg = tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", dropout=0.0, row_steps=row_steps)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    layer = next(iter(qdylora_layers(trainer.model).values()))
+    trainer.train_step([8])                   # every row gets momentum
+    before = layer.lora_B.detach().clone()
+    trainer.train_step([2])
+    moved_above = bool((layer.lora_B.detach()[:, 2:] != before[:, 2:]).any())
+    assert moved_above == (row_steps != "hold")
+    assert bool((layer.lora_B.detach()[:, :2] != before[:, :2]).any())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["row_steps"] == row_steps and saved["qdylora"]["row_steps"] == row_steps
+    trainer.cleanup()
+
+
 def test_distillation_loss_is_zero_for_identical_predictions_and_positive_otherwise():
     import torch
 

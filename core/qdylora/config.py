@@ -14,6 +14,14 @@ SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant", "alpha/sqrt(i)", "alpha
 # rank b's update is sum_{i<=b} s_i B_i A_i (low rows learn faster under Adam, as a dedicated low-rank run would).
 PER_ROW_RULES = {"alpha/sqrt(i)": lambda i: 1.0 / math.sqrt(i), "alpha/i": lambda i: 1.0 / i}
 EXTRA_RANKS_CHOICES = ("none", "max", "min_max")
+# What AdamW does to the rows a step did not train (rows above the step's largest rank):
+# hold: they stay exactly where they were (their momentum is spent without moving them);
+# momentum: they keep moving by AdamW's momentum, as any parameter with a zero gradient does;
+# balanced: momentum, and row i's step is scaled by 1/sqrt(P(row i is trained in a step)), so under Adam
+#   each row moves on average at the pace of a row of a dedicated run (bench/README.md §6.7).
+ROW_STEPS_CHOICES = ("hold", "momentum", "balanced")
+# Runs written before the option existed held their untrained rows.
+LEGACY_ROW_STEPS = "hold"
 METHOD_CHOICES = ("qdylora", "svd")
 # Runs written before the scale rule existed were trained with DyLoRA's alpha/b.
 LEGACY_SCALE = "alpha/b"
@@ -23,6 +31,8 @@ INFERENCE_SCALE_OF_SVD = "constant"
 INFERENCE_SCALE_OF_ROWS = "constant"
 # The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
 METHOD_SCALE = {"qdylora": "alpha/i", "svd": "alpha/b"}
+# The row-step rule each method trains with when none is asked for (svd trains every row on every step: nothing to hold).
+METHOD_ROW_STEPS = {"qdylora": "hold", "svd": "hold"}
 
 
 def _svd_problems(cfg) -> list[str]:
@@ -32,7 +42,8 @@ def _svd_problems(cfg) -> list[str]:
         ("rank_sampling", cfg.rank_sampling not in ("uniform", "list") or (cfg.rank_sampling == "list" and cfg.rank_list != as_trained)),
         ("rank_list", cfg.rank_list is not None and cfg.rank_list != as_trained),
         ("ranks_per_step", cfg.ranks_per_step != 1), ("extra_ranks", cfg.extra_ranks != "none"),
-        ("distill", cfg.distill != 0), ("update", cfg.update != "full"), ("scale", cfg.scale in PER_ROW_RULES)) if given]
+        ("distill", cfg.distill != 0), ("update", cfg.update != "full"), ("scale", cfg.scale in PER_ROW_RULES),
+        ("row_steps", cfg.row_steps not in (None, "hold"))) if given]
     if not asked:
         return []
     return [f"{', '.join(asked)} {'applies' if len(asked) == 1 else 'apply'} to method qdylora only (method svd trains "
@@ -74,6 +85,10 @@ class QDyLoRAConfig(ConfigDict):
         default=0.0,
         metadata={"help": "With extra_ranks, weight in [0, 1] of a KL term pulling the sampled rank's predictions toward r_max's (detached) ones; 0 = plain loss only."},
     )
+    row_steps: str | None = field(
+        default=None,
+        metadata={"help": "What AdamW does to rows a step did not train: hold (they stay put), momentum (they keep moving by their momentum), balanced (momentum, and row i's step scaled by 1/sqrt(P(row i trained)) so every row learns at a dedicated run's pace); None = the method's default (METHOD_ROW_STEPS)."},
+    )
     method: str = field(
         default="qdylora",
         metadata={"help": "qdylora: one run trains every rank, rank b uses the first b rows. svd: one dedicated LoRA run at r_max; rank b is the best rank-b approximation (SVD) of each layer's update."},
@@ -82,6 +97,8 @@ class QDyLoRAConfig(ConfigDict):
     def __post_init__(self):
         if self.scale is None:
             self.scale = METHOD_SCALE.get(self.method)
+        if self.row_steps is None:
+            self.row_steps = METHOD_ROW_STEPS.get(self.method)
         # Names are checked as given, also those the svd method replaces below: a typo is never silently dropped.
         problems = [f"{name} must be one of {', '.join(choices)}, got {value!r}" for name, value, choices in (
             ("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES))
@@ -96,7 +113,7 @@ class QDyLoRAConfig(ConfigDict):
         problems += filter(None, [number_problem("alpha", self.alpha, lo=0, lo_open=True),
                                   number_problem("dropout", self.dropout, lo=0, hi=1, hi_open=True)])
         for name, value, choices in (("update", self.update, UPDATE_CHOICES), ("scale", self.scale, SCALE_CHOICES),
-                                     ("method", self.method, METHOD_CHOICES)):
+                                     ("method", self.method, METHOD_CHOICES), ("row_steps", self.row_steps, ROW_STEPS_CHOICES)):
             if value not in choices:
                 problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.rank_sampling == "list":
@@ -115,12 +132,14 @@ class QDyLoRAConfig(ConfigDict):
             problems.append("distill needs extra_ranks 'max' or 'min_max' (the r_max pass is the teacher)")
         if self.update == "frozen" and (self.ranks_per_step != 1 or self.extra_ranks != "none"):
             problems.append("update 'frozen' trains one rank per step: use ranks_per_step 1 and extra_ranks 'none'")
+        if self.update == "frozen" and self.row_steps not in (None, "hold"):
+            problems.append("update 'frozen' holds every row but the b-th: use row_steps 'hold'")
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, data: dict) -> "QDyLoRAConfig":
-        return super().from_dict({"scale": LEGACY_SCALE} | data if isinstance(data, dict) else data)
+        return super().from_dict({"scale": LEGACY_SCALE, "row_steps": LEGACY_ROW_STEPS} | data if isinstance(data, dict) else data)
 
     def scale_at(self, rank: int) -> float:
         return lora_scale(self.alpha, rank, self.scale, self.r_max)

@@ -9,6 +9,7 @@ from torch import nn
 
 from core.qdylora.config import QDyLoRAConfig
 from core.qdylora.layer import DynamicRankLoRALinear, is_adaptable_linear
+from core.qdylora.sampling import balanced_row_multipliers
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "qdylora_config.json"
@@ -184,3 +185,41 @@ class UntrainedRowGuard:
                 layer.lora_B.copy_(b)
                 layer.lora_A[trained] = keep_a
                 layer.lora_B[:, trained] = keep_b
+
+
+class BalancedRowSteps:
+    """Scales each row's AdamW step by its multiplier (row_steps 'balanced'): a per-row learning rate.
+
+    AdamW has no per-element learning rate, so the step is taken as usual and then rescaled:
+    row i ends at before + m_i · (after − before). Exact for AdamW, weight decay included.
+    """
+
+    def __init__(self, model: nn.Module, multipliers: list[float]):
+        self._saved = [(layer, layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+                       for layer in qdylora_layers(model).values()]
+        self._multipliers = torch.tensor(multipliers, dtype=torch.float32)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, a, b in self._saved:
+                m = self._multipliers.to(device=a.device, dtype=a.dtype)
+                layer.lora_A.copy_(a + m[:, None] * (layer.lora_A - a))
+                layer.lora_B.copy_(b + m[None, :] * (layer.lora_B - b))
+
+
+class _NoRowRule:
+    def restore(self) -> None:
+        pass
+
+
+def row_step_rule(model: nn.Module, cfg: QDyLoRAConfig, rank: int):
+    """What to wrap around this step's `optimizer.step()` (then call `.restore()`), by cfg.row_steps.
+
+    rank is the step's largest trained rank. hold: put the rows above it back; momentum: let AdamW
+    move every row; balanced: also scale row i's step by 1/sqrt(P(row i trained)).
+    """
+    if cfg.row_steps == "hold":
+        return UntrainedRowGuard(model, rank, cfg.update)
+    if cfg.row_steps == "balanced":
+        return BalancedRowSteps(model, balanced_row_multipliers(cfg))
+    return _NoRowRule()

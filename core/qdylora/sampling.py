@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 
 from core.qdylora.config import QDyLoRAConfig
@@ -25,6 +26,34 @@ def candidate_ranks(cfg: QDyLoRAConfig) -> tuple[list[int], list[float]]:
     if cfg.rank_sampling == "high":
         return ranks, [float(b) for b in ranks]
     return ranks, [1.0] * len(ranks)
+
+
+def row_train_probabilities(cfg: QDyLoRAConfig) -> list[float]:
+    """P(row i is trained in a step) for rows 1..r_max: the chance that the step's largest rank is >= i.
+
+    With k ranks per step the draws are stratified (RankSampler.sample_step), so the largest is
+    the draw from the top 1/k of the distribution; the sandwich rule trains r_max every step.
+    """
+    if cfg.extra_ranks != "none" or cfg.method == "svd":
+        return [1.0] * cfg.r_max
+    ranks, weights = candidate_ranks(cfg)
+    total, k = sum(weights), cfg.ranks_per_step
+    probabilities = []
+    for row in range(1, cfg.r_max + 1):
+        below = sum(w for b, w in zip(ranks, weights) if b < row)   # the top stratum's draw is >= row iff u >= below
+        probabilities.append(min(1.0, max(0.0, (total - below) / (total / k))))
+    return probabilities
+
+
+def balanced_row_multipliers(cfg: QDyLoRAConfig) -> list[float]:
+    """Row i's step multiplier under row_steps 'balanced': 1/sqrt(P(row i trained)).
+
+    Why the square root: a row trained on a share p of the steps, whose momentum keeps moving it
+    in between, sees Adam's second moment at about p·g², so its steps are 1/sqrt(p) larger and
+    come on every step: it moves sqrt(p) as fast as a row trained on every step. Rows never
+    trained (p = 0) get 1: they have no momentum to scale.
+    """
+    return [1.0 / math.sqrt(p) if p > 0 else 1.0 for p in row_train_probabilities(cfg)]
 
 
 class RankSampler:
