@@ -15,7 +15,7 @@ are computed on the held-out rest of each set:
   the same prompts for both sides) and one over prompts only (seeds fixed) to tell the two
   sources of noise apart.
 
-    .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40]
+    .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40] [--recipes rowinv,rowinv_pow2] [--tag T]
 
 Writes results/rank_search_seeds.json and prints the Markdown tables.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,13 +34,20 @@ import common  # noqa: E402
 import rank_search_variants as grid  # noqa: E402
 
 N_RESAMPLES = 4000
+RECIPE_LR = 3e-3     # the one lr of every one-run recipe in the seed study (a seed folder may hold others: an lr check)
+
+
+def studied(res: dict) -> bool:
+    """A finished job of the seed study: dedicated runs at their one lr, recipes at RECIPE_LR."""
+    job = res["job"]
+    return not res.get("diverged") and "evals" in res and (job["side"] in grid.DEDICATED or math.isclose(job["lr"], RECIPE_LR))
 
 
 def held_out_cells(jobs: list[dict], first: int) -> dict:
     """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
     cells: dict = {}
     for res in jobs:
-        if res.get("diverged") or "evals" not in res:
+        if not studied(res):
             continue
         job = res["job"]
         for set_name, by_rank in res["evals"].items():
@@ -120,7 +128,7 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
     folder = grid.root(steps, False, seed)
     cache_path = folder / "answers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    jobs = {j["job"]["id"]: j for j in grid.load_jobs(steps, False, seed) if not j.get("diverged")}
+    jobs = {j["job"]["id"]: j for j in grid.load_jobs(steps, False, seed) if studied(j)}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
     for job_id, res in sorted(jobs.items()):
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answers-seed", type=int, default=None,
                    help="also generate answers with this seed's runs (ROUGE-L against the pooled peer at each rank)")
     p.add_argument("--answers-only", action="store_true", help="generate the answers (cached) and stop")
+    p.add_argument("--tag", default="", help="write results/rank_search_seeds_<tag>.json (another round beside the main result)")
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     if args.answers_only:
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = answers_phase(args.answers_seed, args.steps, recipes)
         res["rouge_l"] = {"seed": args.answers_seed, "prompts_per_set": grid.GEN_PROMPTS,
                           "gaps": rouge_gaps(cache, {s: v["peer"] for s, v in res["sets"].items()}, recipes)}
-    name = "rank_search_seeds" + ("_quick" if args.quick else "" if args.steps == 40 else f"_{args.steps}")
+    name = common.result_name("rank_search_seeds" + ("" if args.quick or args.steps == 40 else f"_{args.steps}"), args.quick, args.tag)
     common.write_result(name, res, common.machine_info())
     print(report(res))
 

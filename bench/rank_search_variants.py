@@ -77,6 +77,8 @@ RECIPES: dict[str, dict] = {
     "rowinv_k4": {"scale": "alpha/i", "rank_sampling": "uniform", "ranks_per_step": 4},
     "rowinv_nodrop": {"scale": "alpha/i", "rank_sampling": "uniform", "dropout": 0.0},   # a recipe may override the shared config
     "rowinv_pow2": {"scale": "alpha/i", "rank_sampling": "pow2"},
+    "rowinv2": {"scale": "alpha/i^2", "rank_sampling": "uniform"},
+    "rowinv_low": {"scale": "alpha/i", "rank_sampling": "low"},
     "rowinv_mom": {"scale": "alpha/i", "rank_sampling": "uniform", "row_steps": "momentum"},
     "rowinv_bal": {"scale": "alpha/i", "rank_sampling": "uniform", "row_steps": "balanced"},
     "sqrt_sandwich": {"scale": "alpha/sqrt(b)", "rank_sampling": "uniform", "extra_ranks": "max"},

@@ -433,7 +433,8 @@ METHOD_LABELS = {"qdylora": "QDyLoRA (recommended): one run samples a rank each 
 SCALE_LABELS = {None: "the method's recommended rule", "alpha/b": "α / b (DyLoRA, plain LoRA)",
                 "alpha/sqrt(b)": "α / √b (rsLoRA)", "constant": "constant α / √r_max (nested, like a truncated SVD)",
                 "alpha/i": "α / i per row (each row keeps its scale at every rank, so low ranks learn fast)",
-                "alpha/sqrt(i)": "α / √i per row (row i keeps its scale at every rank)"}
+                "alpha/sqrt(i)": "α / √i per row (row i keeps its scale at every rank)",
+                "alpha/i^2": "α / i² per row (the first rows carry still more of the update)"}
 ROW_STEPS_LABELS = {None: "the method's recommended rule", "hold": "hold (rows a step did not train stay put)",
                     "momentum": "momentum (they keep moving by AdamW's momentum)",
                     "balanced": "balanced (momentum, and rarely trained rows take larger steps)"}

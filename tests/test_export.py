@@ -20,9 +20,9 @@ PROMPTS = ["What does the QB-100 cost?", "How long is the warranty on a kettle?"
 
 # Every scale rule (and the SVD method, used with the constant rule) over both bases.
 RULES = [("none", "alpha/b"), ("nf4", "alpha/b"), ("none", "alpha/sqrt(b)"), ("nf4", "alpha/sqrt(b)"),
-         ("none", "constant"), ("nf4", "constant"), ("none", "svd"), ("nf4", "svd"), ("none", "alpha/i"), ("nf4", "alpha/i")]
+         ("none", "constant"), ("nf4", "constant"), ("none", "svd"), ("nf4", "svd"), ("none", "alpha/i"), ("nf4", "alpha/i"), ("none", "alpha/i^2")]
 # Exported as rows at the constant scale with each row's factor folded into B (truncation.fold_row_scales).
-USED_AS_CONSTANT = ("svd", "alpha/i", "alpha/sqrt(i)")
+USED_AS_CONSTANT = ("svd", "alpha/i", "alpha/sqrt(i)", "alpha/i^2")
 
 
 def _random_run(tmp_path_factory, tiny_model_dir, small_train_file, quant, rule):
@@ -84,7 +84,7 @@ def test_peft_reload_gives_the_same_logits_and_text(rule_run, rank, tmp_path):
     md = (out / "rank_card.md").read_text()
     assert f"ADAPTER = {out.name!r}" in card["snippet"] and md.count("PeftModel.from_pretrained(base, ADAPTER)") == 1
     assert ("measured on the 4-bit NF4 base" in md) == (quant == "nf4")
-    assert ("trained with the per-row rule alpha/i" in md) == (trained["scale"] == "alpha/i")
+    assert (f"trained with the per-row rule {trained['scale']}" in md) == (trained["scale"] in ("alpha/i", "alpha/sqrt(i)", "alpha/i^2"))
 
     ours = load_run(run_dir)
     set_rank(ours.model, rank)

@@ -314,7 +314,7 @@ def test_peft_scale_fields_give_peft_the_same_scale(rule, rank):
     assert model.base_model.model.block[0].scaling["default"] == pytest.approx(lora_scale(16.0, rank, rule, r_max=8))
 
 
-@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant", "alpha/i", "alpha/sqrt(i)"])
+@pytest.mark.parametrize("rule", ["alpha/b", "alpha/sqrt(b)", "constant", "alpha/i", "alpha/sqrt(i)", "alpha/i^2"])
 def test_each_example_at_its_own_rank_equals_separate_forwards(rule):
     from core.qdylora.inject import set_example_ranks
 
@@ -415,7 +415,7 @@ def test_per_row_rules_give_each_row_its_own_scale_at_every_rank():
         lora_scale(16.0, 2, "alpha/i", r_max=8)
 
 
-@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)"])
+@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)", "alpha/i^2"])
 def test_per_row_layer_computes_the_sum_of_its_scaled_rows(rule):
     from core.qdylora.config import row_scales
 
@@ -433,7 +433,7 @@ def test_per_row_layer_computes_the_sum_of_its_scaled_rows(rule):
             torch.testing.assert_close(layer(x), layer.base(x) + x @ expected.T)
 
 
-@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)"])
+@pytest.mark.parametrize("rule", ["alpha/i", "alpha/sqrt(i)", "alpha/i^2"])
 def test_per_row_runs_fold_into_the_constant_scale_with_the_same_update_at_every_rank(rule):
     from core.qdylora.config import inference_config
     from core.qdylora.truncation import inference_adapter_state

@@ -9,10 +9,10 @@ from core.validation import number_problem
 
 RANK_SAMPLING_CHOICES = ("uniform", "pow2", "low", "high", "list")
 UPDATE_CHOICES = ("full", "frozen")
-SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant", "alpha/sqrt(i)", "alpha/i")
+SCALE_CHOICES = ("alpha/b", "alpha/sqrt(b)", "constant", "alpha/sqrt(i)", "alpha/i", "alpha/i^2")
 # Rules that scale each row i of the adapter by its own factor, the same at every active rank b:
 # rank b's update is sum_{i<=b} s_i B_i A_i (low rows learn faster under Adam, as a dedicated low-rank run would).
-PER_ROW_RULES = {"alpha/sqrt(i)": lambda i: 1.0 / math.sqrt(i), "alpha/i": lambda i: 1.0 / i}
+PER_ROW_RULES = {"alpha/sqrt(i)": lambda i: 1.0 / math.sqrt(i), "alpha/i": lambda i: 1.0 / i, "alpha/i^2": lambda i: 1.0 / i ** 2}
 EXTRA_RANKS_CHOICES = ("none", "max", "min_max")
 # What AdamW does to the rows a step did not train (rows above the step's largest rank):
 # hold: they stay exactly where they were (their momentum is spent without moving them);
