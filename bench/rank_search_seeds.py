@@ -156,19 +156,32 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
     return cache
 
 
-def rouge_gaps(cache: dict, peers: dict, recipes: list[str]) -> dict:
-    """{set: {recipe: {rank: ROUGE-L difference to that rank's peer, 95 % CI}}} (paired over prompts)."""
-    from core.evaluation.stats import bootstrap_mean_ci
+def rouge_gaps(caches: dict, peers: dict, recipes: list[str], rng: np.random.Generator, n: int = 2000) -> dict:
+    """{set: {recipe: {rank: ROUGE-L difference to that rank's peer, 95 % CI}}}.
 
+    caches: {seed: answers cache}. With one seed the interval resamples prompts (paired); with
+    several, seeds then prompts, like the NLL's (the same prompts and seeds for both sides).
+    """
+    seeds = list(caches)
     out: dict = {}
     for set_name, by_rank in peers.items():
         for recipe in recipes:
             for r, peer in by_rank.items():
-                ours, theirs = cache.get(f"{recipe}|{r}"), cache.get(f"{peer}|{r}")
-                if ours and theirs:
-                    diff = [a - b for a, b in zip(ours[set_name], theirs[set_name])]
-                    out.setdefault(set_name, {}).setdefault(recipe, {})[r] = vars(bootstrap_mean_ci(diff, n_resamples=2000, seed=0)) | {
-                        "ours": float(np.mean(ours[set_name])), "peer": float(np.mean(theirs[set_name]))}
+                pairs = [(c.get(f"{recipe}|{r}"), c.get(f"{peer}|{r}")) for c in caches.values()]
+                if not all(ours and theirs for ours, theirs in pairs):
+                    continue
+                ours = np.array([o[set_name] for o, _ in pairs], float)      # (seeds, prompts)
+                theirs = np.array([t[set_name] for _, t in pairs], float)
+                diff = ours - theirs
+                k, m = diff.shape
+                draws = np.empty(n)
+                for i in range(n):
+                    rows = rng.integers(0, k, k) if k > 1 else np.zeros(1, int)
+                    draws[i] = diff[np.ix_(rows, rng.integers(0, m, m))].mean()
+                out.setdefault(set_name, {}).setdefault(recipe, {})[r] = {
+                    "mean": float(diff.mean()), "lo": float(np.quantile(draws, 0.025)), "hi": float(np.quantile(draws, 0.975)),
+                    "ours": float(ours.mean()), "peer": float(theirs.mean()), "per_seed": [float(x) for x in diff.mean(axis=1)],
+                    "seeds": seeds}
     return out
 
 
@@ -197,7 +210,8 @@ def report(res: dict) -> str:
                              ", ".join(f"{r}: {_pct(g)}" for r, g in by_rank.items()))
     if "rouge_l" in res:
         rl = res["rouge_l"]
-        lines.append(f"\nROUGE-L of {rl['prompts_per_set']} greedy answers per set (seed {rl['seed']}), difference to the same peer [95 % CI]:\n")
+        lines.append(f"\nROUGE-L of {rl['prompts_per_set']} greedy answers per set (seeds {', '.join(map(str, rl['seeds']))}), "
+                     "difference to the same peer [95 % CI]:\n")
         for set_name, by_recipe in rl["gaps"].items():
             for recipe, by_rank in by_recipe.items():
                 lines.append(f"- {set_name}, {recipe}: " + ", ".join(
@@ -211,20 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--recipes", default="rowinv,rowinv_pow2", help="one-run recipes to compare (the first is the reference for in-between ranks)")
     p.add_argument("--quick", action="store_true", help="read the --quick seed studies (2 steps)")
-    p.add_argument("--answers-seed", type=int, default=None,
-                   help="also generate answers with this seed's runs (ROUGE-L against the pooled peer at each rank)")
+    p.add_argument("--answers-seeds", "--answers-seed", default=None,
+                   help="also generate answers with these seeds' runs, e.g. 42 or 42,1,2 (ROUGE-L against the pooled peer at each rank)")
     p.add_argument("--answers-only", action="store_true", help="generate the answers (cached) and stop")
     p.add_argument("--tag", default="", help="write results/rank_search_seeds_<tag>.json (another round beside the main result)")
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
+    answer_seeds = [int(x) for x in args.answers_seeds.split(",")] if args.answers_seeds else []
     if args.answers_only:
-        answers_phase(args.answers_seed, args.steps, recipes)
+        for seed in answer_seeds:
+            answers_phase(seed, args.steps, recipes)
         return
     res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick)
-    if args.answers_seed is not None:
-        cache = answers_phase(args.answers_seed, args.steps, recipes)
-        res["rouge_l"] = {"seed": args.answers_seed, "prompts_per_set": grid.GEN_PROMPTS,
-                          "gaps": rouge_gaps(cache, {s: v["peer"] for s, v in res["sets"].items()}, recipes)}
+    if answer_seeds:
+        caches = {seed: answers_phase(seed, args.steps, recipes) for seed in answer_seeds}
+        res["rouge_l"] = {"seeds": answer_seeds, "prompts_per_set": grid.GEN_PROMPTS,
+                          "gaps": rouge_gaps(caches, {s: v["peer"] for s, v in res["sets"].items()}, recipes, np.random.default_rng(0))}
     name = common.result_name("rank_search_seeds" + ("" if args.quick or args.steps == 40 else f"_{args.steps}"), args.quick, args.tag)
     common.write_result(name, res, common.machine_info())
     print(report(res))
