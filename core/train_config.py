@@ -12,7 +12,7 @@ from core.errors import RunError, UserError
 from core.fileio import DamagedFile, read_json
 from core.model_spec import DEVICE_CHOICES, QUANT_CHOICES, ModelSpec
 from core.qdylora.config import (
-    EXTRA_RANKS_CHOICES, LEGACY_ROW_STEPS, LEGACY_SCALE, METHOD_CHOICES, RANK_SAMPLING_CHOICES, ROW_STEPS_CHOICES, SCALE_CHOICES,
+    EXTRA_RANKS_CHOICES, LEGACY_ROW_STEPS, LEGACY_SCALE, METHOD_CHOICES, METHOD_RANK_SAMPLING, RANK_SAMPLING_CHOICES, ROW_STEPS_CHOICES, SCALE_CHOICES,
     UPDATE_CHOICES, QDyLoRAConfig,
 )
 from core.validation import number_problem
@@ -23,10 +23,11 @@ BATCHING = ("packed", "padded")
 LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on padded rows
 LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
-RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, lr 3e-3, α 16 — the best one-run recipe on the "
-                   "sample data at 40 steps (3 seeds): NLL within +1…+6 % of a dedicated QLoRA run on new wordings and "
-                   "+7…+10 % on verbatim recall at ranks 1–16 (one constant scale: up to +27 %), answers as good at every rank; SVD "
-                   "truncation has lower NLL at ranks 8–16 but weaker answers at ranks 1–8 (bench/README.md §6).")
+RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, ranks 1, 2, 4, … drawn (pow2), lr 3e-3, α 16 — the "
+                   "best one-run recipe on the sample data at 40 steps (3 seeds): NLL within +0.5…+4.5 % of a dedicated QLoRA run "
+                   "on new wordings and +5…+9 % on verbatim recall at ranks 1–16 (uniform draws: up to +10 %; one constant scale: "
+                   "up to +27 %), answers as good at every rank; SVD truncation and α/i² have lower NLL but weaker answers "
+                   "(bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
 RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
@@ -47,7 +48,7 @@ class TrainConfig(ConfigDict):
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale at rank b follows the scale rule (alpha/b, alpha/sqrt(b), constant, or per row alpha/i, alpha/sqrt(i), alpha/i^2)."})
     dropout: float = field(default=0.05, metadata={"help": "Adapter input dropout."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Leaf names to adapt; None = all block linears."})
-    rank_sampling: str = field(default="uniform", metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list."})
+    rank_sampling: str | None = field(default=None, metadata={"choices": RANK_SAMPLING_CHOICES, "help": "uniform | pow2 | low | high | list; unset = the method's measured best (pow2 for qdylora: the ranks a sweep measures)."})
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks for rank_sampling=list."})
     update: str = field(default="full", metadata={"choices": UPDATE_CHOICES, "help": "full (rows 1..b learn) or frozen (only row b learns)."})
     row_steps: str | None = field(default=None, metadata={"choices": ROW_STEPS_CHOICES, "help": "Rows a step did not train: hold (stay put), momentum (AdamW's momentum moves them) or balanced (momentum, and row i's step scaled by 1/sqrt(P(row i trained))); unset = the method's default."})
@@ -124,7 +125,8 @@ class TrainConfig(ConfigDict):
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(
             r_max=self.r_max, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update, scale=self.scale, row_steps=self.row_steps,
+            rank_sampling=self.rank_sampling if self.rank_sampling is not None else METHOD_RANK_SAMPLING.get(self.method, "uniform"),
+            rank_list=self.rank_list, update=self.update, scale=self.scale, row_steps=self.row_steps,
             ranks_per_step=self.ranks_per_step, extra_ranks=self.extra_ranks, distill=self.distill, method=self.method,
         )
 

@@ -444,12 +444,14 @@ def _recipe_defaults() -> dict:
     """The library's recipe defaults (TrainConfig's, chosen by bench/rank_search_variants.py), which every preset uses."""
     from dataclasses import fields
 
+    from core.qdylora.config import METHOD_RANK_SAMPLING
     from core.train_config import TrainConfig
 
     # The fields' own defaults, not a resolved config's: svd records its sampling as "list [r_max]",
     # which the form must not carry over to another r_max or method.
     d = {f.name: f.default for f in fields(TrainConfig)}
-    return dict(method=d["method"], scale=None, row_steps=None, rank_sampling=d["rank_sampling"], ranks_per_step=d["ranks_per_step"],
+    sampling = d["rank_sampling"] or METHOD_RANK_SAMPLING[d["method"]]    # unset: the method's measured best
+    return dict(method=d["method"], scale=None, row_steps=None, rank_sampling=sampling, ranks_per_step=d["ranks_per_step"],
                 alpha=d["alpha"], lr=d["lr"], update=d["update"])
 
 
@@ -476,7 +478,7 @@ class TrainForm:
     quant: str = "nf4"
     r_max: int = 16
     alpha: float = 16.0
-    rank_sampling: str = "uniform"
+    rank_sampling: str = "pow2"
     rank_list: str = ""
     update: str = "full"
     steps: int = 40

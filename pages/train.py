@@ -7,7 +7,7 @@ from app import ui
 from core import workspace_data as wd
 from core.errors import UserError
 from core.estimate import ACCURACY_NOTE, estimate_training, model_shape
-from core.qdylora.config import METHOD_ROW_STEPS, METHOD_SCALE, PER_ROW_RULES
+from core.qdylora.config import METHOD_RANK_SAMPLING, METHOD_ROW_STEPS, METHOD_SCALE, PER_ROW_RULES
 from core.train_config import RECIPE_EVIDENCE
 
 st.title("Train")
@@ -148,6 +148,7 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
                                                           key="f-rank_list"))
     else:
         c[1].caption("Rank sampling does not apply to SVD truncation: it trains one ordinary LoRA at r_max.")
+        sampling = METHOD_RANK_SAMPLING[method]     # what svd records as "one rank, r_max" (qdylora's default is not it)
         scales = [rule for rule in scales if rule not in PER_ROW_RULES]   # QDyLoRA's rules (svd refuses them)
     c = st.columns([2, 1, 1])
     scale = keep("scale", c[0].selectbox(

@@ -208,6 +208,7 @@ def test_train_page_shows_estimate_and_launches_with_the_form_values(workspace):
     assert args[args.index("--method") + 1] == standard["method"]
     assert "--scale" not in args and standard["scale"] is None      # the method's recommended rule
     assert "--row-steps" not in args and standard["row_steps"] is None
+    assert args[args.index("--rank-sampling") + 1] == standard["rank_sampling"] == "pow2"
     assert args[args.index("--model") + 1] == "default"
     assert args[args.index("--data") + 1].endswith("sample-quillhaven/train.jsonl")
 

@@ -195,6 +195,17 @@ def test_balanced_row_steps_scale_each_rows_adamw_step_by_its_multiplier():
         torch.testing.assert_close(balanced[1][key] - balanced[0][key], scaled, rtol=1e-5, atol=1e-7)
 
 
+def test_the_default_rank_sampling_is_the_measured_best_for_each_method():
+    from core.train_config import TrainConfig
+
+    assert TrainConfig(data="d", out="o").rank_sampling == "pow2"           # bench/README.md §6.7
+    svd = TrainConfig(data="d", out="o", method="svd")
+    assert (svd.rank_sampling, svd.rank_list) == ("list", [svd.r_max])      # svd records its one rank, no complaint
+    assert TrainConfig(data="d", out="o", rank_sampling="uniform").rank_sampling == "uniform"
+    saved = TrainConfig(data="d", out="o", rank_sampling="uniform").to_dict()
+    assert TrainConfig.from_dict(saved).rank_sampling == "uniform"          # a saved run keeps what it was trained with
+
+
 def test_row_steps_validation_and_legacy_runs():
     from core.train_config import TrainConfig
 

@@ -188,7 +188,7 @@ def test_training_at_one_fixed_rank_equals_a_peft_lora_run_of_that_rank(tiny_mod
 def test_several_ranks_per_step_train_each_group_at_its_rank(tiny_model_dir, small_train_file, tmp_path):
     events = []
     result = train(tiny_cfg(tiny_model_dir, small_train_file, tmp_path / "run", batch_size=4, ranks_per_step=4,
-                            scale="alpha/sqrt(b)"), on_event=events.append)
+                            scale="alpha/sqrt(b)", rank_sampling="uniform"), on_event=events.append)
     assert result.status == "completed"
     steps = [e for e in events if e["event"] == "step"]
     assert all(len(e["ranks"]) == 4 and e["rank"] == max(e["ranks"]) for e in steps)

@@ -31,6 +31,9 @@ INFERENCE_SCALE_OF_SVD = "constant"
 INFERENCE_SCALE_OF_ROWS = "constant"
 # The scale rule each method trains with when none is asked for: its best in bench/README.md §6.
 METHOD_SCALE = {"qdylora": "alpha/i", "svd": "alpha/b"}
+# The rank sampling each method trains with when none is asked for (bench/README.md §6.6: pow2 draws the ranks a
+# sweep measures, 1, 2, 4, ..., r_max; svd trains at r_max only and records that itself).
+METHOD_RANK_SAMPLING = {"qdylora": "pow2", "svd": "uniform"}
 # The row-step rule each method trains with when none is asked for (svd trains every row on every step: nothing to hold).
 METHOD_ROW_STEPS = {"qdylora": "hold", "svd": "hold"}
 
