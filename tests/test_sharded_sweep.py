@@ -96,8 +96,11 @@ def test_two_workers_write_the_files_of_one_process(run_dir, tmp_path, cli_in_pr
 @two_cores
 def test_cancel_keeps_finished_ranks_and_resume_measures_the_rest(run_dir, tmp_path):
     out = tmp_path / "sweep"
+    # 12 prompts of 16 tokens per rank (the last flags win): each rank lasts several batches, so the SIGTERM sent at the
+    # first finished rank lands while the others are still running (with 4 short prompts all five could finish first).
     proc = subprocess.Popen([sys.executable, "-m", "core", "sweep", *sweep_flags(run_dir, "0,1,2,3,4"), "--workers", "2",
-                             "--batch-size", "2", "--metrics", "ref_nll,rouge_l", "--latency", "off", "--out", str(out)],
+                             "--batch-size", "2", "--metrics", "ref_nll,rouge_l", "--latency", "off", "--out", str(out),
+                             "--max-prompts", "12", "--max-new-tokens", "16"],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
