@@ -583,10 +583,11 @@ def refine_args(run_dir: Path, rank: int, steps: int, lr: float | None = None, r
 
 
 def default_sweep_ranks(r_max: int) -> list[int]:
-    """0 (the base model) and the powers of two up to r_max, plus r_max itself.
-    (The rule of core.evaluation.sweep.default_ranks, which imports torch.)"""
-    ranks = [0] + [1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max]
-    return ranks if ranks[-1] == r_max else ranks + [r_max]
+    """0 (the base model) and the powers of two up to r_max, plus r_max itself: what core.evaluation.sweep.default_ranks
+    gives (that module imports torch; core.qdylora.sampling does not)."""
+    from core.qdylora.sampling import powers_of_two_ranks
+
+    return [0] + powers_of_two_ranks(r_max)
 
 
 def parse_rank_text(text: str, r_max: int) -> tuple[list[int], list[str]]:

@@ -195,6 +195,16 @@ def test_balanced_row_steps_scale_each_rows_adamw_step_by_its_multiplier():
         torch.testing.assert_close(balanced[1][key] - balanced[0][key], scaled, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("r_max", [1, 2, 5, 16, 24, 64])
+def test_pow2_trains_exactly_the_ranks_a_default_sweep_measures(r_max):
+    from core import workspace_data
+    from core.evaluation.sweep import default_ranks
+
+    drawn = candidate_ranks(QDyLoRAConfig(r_max=r_max, rank_sampling="pow2"))[0]
+    assert default_ranks(r_max) == workspace_data.default_sweep_ranks(r_max) == [0] + drawn
+    assert drawn[-1] == r_max and drawn == sorted(set(drawn))
+
+
 def test_the_default_rank_sampling_is_the_measured_best_for_each_method():
     from core.train_config import TrainConfig
 

@@ -67,9 +67,10 @@ log = logging.getLogger("rank_studio.sweep")
 
 
 def default_ranks(r_max: int) -> list[int]:
-    """0 (the base model) and powers of two up to r_max, plus r_max itself."""
-    ranks = [0] + [1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max]
-    return ranks if ranks[-1] == r_max else ranks + [r_max]
+    """0 (the base model) and the ranks the default sampling trains: powers of two up to r_max, plus r_max."""
+    from core.qdylora.sampling import powers_of_two_ranks
+
+    return [0] + powers_of_two_ranks(r_max)
 
 
 def parse_ranks(text: str | list | None, r_max: int) -> list[int]:

@@ -9,16 +9,21 @@ import random
 from core.qdylora.config import QDyLoRAConfig
 
 
+def powers_of_two_ranks(r_max: int) -> list[int]:
+    """1, 2, 4, … up to r_max, plus r_max itself: the ranks `pow2` draws and a sweep measures by default
+    (core.evaluation.sweep.default_ranks, core.workspace_data.default_sweep_ranks add rank 0), one rule for both."""
+    ranks = [1 << i for i in range(r_max.bit_length()) if (1 << i) <= r_max]
+    # r_max itself must be trained (or exporting it would export untrained rows) and measured.
+    return ranks if ranks[-1] == r_max else ranks + [r_max]
+
+
 def candidate_ranks(cfg: QDyLoRAConfig) -> tuple[list[int], list[float]]:
     """Ranks that can be drawn and their (unnormalised) weights."""
     if cfg.rank_sampling == "list":
         ranks = sorted(set(cfg.rank_list))
         return ranks, [1.0] * len(ranks)
     if cfg.rank_sampling == "pow2":
-        ranks = [1 << i for i in range(cfg.r_max.bit_length()) if (1 << i) <= cfg.r_max]
-        if ranks[-1] != cfg.r_max:
-            # r_max itself must be trained, or exporting it would export untrained rows.
-            ranks.append(cfg.r_max)
+        ranks = powers_of_two_ranks(cfg.r_max)
         return ranks, [1.0] * len(ranks)
     ranks = list(range(1, cfg.r_max + 1))
     if cfg.rank_sampling == "low":
