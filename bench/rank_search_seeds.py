@@ -176,8 +176,7 @@ def rouge_gaps(caches: dict, peers: dict, recipes: list[str], rng: np.random.Gen
                 k, m = diff.shape
                 draws = np.empty(n)
                 for i in range(n):
-                    rows = rng.integers(0, k, k) if k > 1 else np.zeros(1, int)
-                    draws[i] = diff[np.ix_(rows, rng.integers(0, m, m))].mean()
+                    draws[i] = diff[np.ix_(rng.integers(0, k, k), rng.integers(0, m, m))].mean()
                 out.setdefault(set_name, {}).setdefault(recipe, {})[r] = {
                     "mean": float(diff.mean()), "lo": float(np.quantile(draws, 0.025)), "hi": float(np.quantile(draws, 0.975)),
                     "ours": float(ours.mean()), "peer": float(theirs.mean()), "per_seed": [float(x) for x in diff.mean(axis=1)],

@@ -12,7 +12,7 @@ from core.errors import RunError, UserError
 from core.fileio import DamagedFile, read_json
 from core.model_spec import DEVICE_CHOICES, QUANT_CHOICES, ModelSpec
 from core.qdylora.config import (
-    EXTRA_RANKS_CHOICES, LEGACY_ROW_STEPS, LEGACY_SCALE, METHOD_CHOICES, METHOD_RANK_SAMPLING, RANK_SAMPLING_CHOICES, ROW_STEPS_CHOICES, SCALE_CHOICES,
+    EXTRA_RANKS_CHOICES, LEGACY_ROW_STEPS, LEGACY_SCALE, METHOD_CHOICES, RANK_SAMPLING_CHOICES, ROW_STEPS_CHOICES, SCALE_CHOICES,
     UPDATE_CHOICES, QDyLoRAConfig,
 )
 from core.validation import number_problem
@@ -125,8 +125,7 @@ class TrainConfig(ConfigDict):
     def qdylora_config(self) -> QDyLoRAConfig:
         return QDyLoRAConfig(
             r_max=self.r_max, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-            rank_sampling=self.rank_sampling if self.rank_sampling is not None else METHOD_RANK_SAMPLING.get(self.method, "uniform"),
-            rank_list=self.rank_list, update=self.update, scale=self.scale, row_steps=self.row_steps,
+            rank_sampling=self.rank_sampling, rank_list=self.rank_list, update=self.update, scale=self.scale, row_steps=self.row_steps,
             ranks_per_step=self.ranks_per_step, extra_ranks=self.extra_ranks, distill=self.distill, method=self.method,
         )
 

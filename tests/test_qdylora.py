@@ -214,6 +214,10 @@ def test_the_default_rank_sampling_is_the_measured_best_for_each_method():
     assert TrainConfig(data="d", out="o", rank_sampling="uniform").rank_sampling == "uniform"
     saved = TrainConfig(data="d", out="o", rank_sampling="uniform").to_dict()
     assert TrainConfig.from_dict(saved).rank_sampling == "uniform"          # a saved run keeps what it was trained with
+    assert QDyLoRAConfig(r_max=8, rank_sampling=None).rank_sampling == "pow2"
+    with pytest.raises(ValueError) as err:     # the fields the method would decide are not reported as well
+        QDyLoRAConfig(method="magic", rank_sampling=None)
+    assert str(err.value) == "method must be one of qdylora, svd, got 'magic'"
 
 
 def test_row_steps_validation_and_legacy_runs():

@@ -63,9 +63,9 @@ class QDyLoRAConfig(ConfigDict):
         default=None,
         metadata={"help": "Leaf names of linear layers to adapt (e.g. q_proj, v_proj); None = every linear layer of the blocks, never the output head."},
     )
-    rank_sampling: str = field(
+    rank_sampling: str | None = field(
         default="uniform",
-        metadata={"help": "How b is drawn: uniform over 1..r_max, pow2 (uniform over powers of two <= r_max), low (p ~ 1/b), high (p ~ b), list (uniform over rank_list)."},
+        metadata={"help": "How b is drawn: uniform over 1..r_max, pow2 (uniform over powers of two <= r_max), low (p ~ 1/b), high (p ~ b), list (uniform over rank_list); None = the method's measured best (METHOD_RANK_SAMPLING)."},
     )
     rank_list: list[int] | None = field(default=None, metadata={"help": "Ranks to draw from when rank_sampling is 'list'."})
     update: str = field(
@@ -98,14 +98,19 @@ class QDyLoRAConfig(ConfigDict):
     )
 
     def __post_init__(self):
-        if self.scale is None:
-            self.scale = METHOD_SCALE.get(self.method)
-        if self.row_steps is None:
-            self.row_steps = METHOD_ROW_STEPS.get(self.method)
+        # Fields left unset take the method's measured default. With an unknown method they stay unset and are not
+        # reported: the method's own error says what is wrong.
+        unset = set()
+        for name, defaults in (("scale", METHOD_SCALE), ("row_steps", METHOD_ROW_STEPS), ("rank_sampling", METHOD_RANK_SAMPLING)):
+            if getattr(self, name) is None:
+                if self.method in defaults:
+                    setattr(self, name, defaults[self.method])
+                else:
+                    unset.add(name)
         # Names are checked as given, also those the svd method replaces below: a typo is never silently dropped.
         problems = [f"{name} must be one of {', '.join(choices)}, got {value!r}" for name, value, choices in (
             ("rank_sampling", self.rank_sampling, RANK_SAMPLING_CHOICES), ("extra_ranks", self.extra_ranks, EXTRA_RANKS_CHOICES))
-            if value not in choices]
+            if value not in choices and name not in unset]
         if self.method == "svd":
             problems += _svd_problems(self)
             # SVD truncation trains one dedicated adapter at r_max; record that, not the unused sampling options.
@@ -117,7 +122,7 @@ class QDyLoRAConfig(ConfigDict):
                                   number_problem("dropout", self.dropout, lo=0, hi=1, hi_open=True)])
         for name, value, choices in (("update", self.update, UPDATE_CHOICES), ("scale", self.scale, SCALE_CHOICES),
                                      ("method", self.method, METHOD_CHOICES), ("row_steps", self.row_steps, ROW_STEPS_CHOICES)):
-            if value not in choices:
+            if value not in choices and name not in unset:
                 problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.rank_sampling == "list":
             if not self.rank_list:
