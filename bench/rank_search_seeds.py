@@ -17,6 +17,9 @@ are computed on the held-out rest of each set:
 
     .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40] [--recipes rowinv,rowinv_pow2] [--tag T]
 
+A recipe trained at another lr than RECIPE_LR in the same seed folders (an lr check) is named
+`recipe@lr`, e.g. `--recipes rowinv_pow2,rowinv_pow2@0.005`.
+
 Writes results/rank_search_seeds.json and prints the Markdown tables.
 """
 from __future__ import annotations
@@ -38,21 +41,42 @@ RECIPE_LR = 3e-3     # the one lr of every one-run recipe in the seed study (a s
 
 
 def studied(res: dict) -> bool:
-    """A finished job of the seed study: dedicated runs at their one lr, recipes at RECIPE_LR."""
-    job = res["job"]
-    return not res.get("diverged") and "evals" in res and (job["side"] in grid.DEDICATED or math.isclose(job["lr"], RECIPE_LR))
+    """A finished job of the seed study: dedicated runs at their one lr, recipes at any lr (see side_label)."""
+    return not res.get("diverged") and "evals" in res
+
+
+def side_label(job: dict, dedicated_lrs: int = 1) -> str:
+    """A job's side; `side@lr` for a recipe at another lr than RECIPE_LR (an lr check, e.g. rowinv_pow2@0.005)
+    and for a dedicated run whose side and rank were trained at `dedicated_lrs` > 1 learning rates."""
+    side = job["side"]
+    if (dedicated_lrs == 1 if side in grid.DEDICATED else math.isclose(job["lr"], RECIPE_LR)):
+        return side
+    return f"{side}@{job['lr']:g}"
+
+
+def base_side(label: str) -> str:
+    return label.split("@")[0]
+
+
+def job_labels(jobs: list[dict]) -> dict[str, str]:
+    """{job id: side label} of the studied jobs of one seed folder."""
+    jobs = [res["job"] for res in jobs if studied(res)]
+    lrs: dict = {}
+    for job in jobs:
+        lrs.setdefault((job["side"], job["rank"]), set()).add(job["lr"])
+    return {job["id"]: side_label(job, len(lrs[(job["side"], job["rank"])])) for job in jobs}
 
 
 def held_out_cells(jobs: list[dict], first: int) -> dict:
     """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
     cells: dict = {}
+    labels = job_labels(jobs)
     for res in jobs:
-        if not studied(res):
+        if res["job"]["id"] not in labels:
             continue
-        job = res["job"]
+        side = labels[res["job"]["id"]]
         for set_name, by_rank in res["evals"].items():
             for r, v in by_rank.items():
-                side = job["side"]
                 cell = cells.setdefault((side, int(r)), {})
                 cell[set_name] = (np.asarray(v["sums"][first:], float), np.asarray(v["counts"][first:], float))
                 if side == "qlora" and int(r) == 1:     # alpha/sqrt(1) = alpha/1: rsLoRA's rank 1 is the same run
@@ -100,7 +124,10 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     for set_name in grid.SETS:
         peers, gaps, between = {}, {}, {}
         for r in grid.RANKS:
-            cands = [(seed_nll(*stack[(side, r)][set_name]).mean(), side) for side in grid.DEDICATED if (side, r) in stack]
+            # A dedicated side trained at several lrs (side@lr) offers each: the lower held-out NLL is its peer,
+            # a choice that can only favour the peer.
+            cands = [(seed_nll(*stack[(side, rank)][set_name]).mean(), side) for side, rank in stack
+                     if rank == r and base_side(side) in grid.DEDICATED]
             if cands:
                 peers[r] = min(cands)[1]
         for recipe in recipes:
@@ -128,12 +155,14 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
     folder = grid.root(steps, False, seed)
     cache_path = folder / "answers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    jobs = {j["job"]["id"]: j for j in grid.load_jobs(steps, False, seed) if studied(j)}
+    all_jobs = grid.load_jobs(steps, False, seed)
+    labels = job_labels(all_jobs)
+    jobs = {j["job"]["id"]: j for j in all_jobs if j["job"]["id"] in labels}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
     for job_id, res in sorted(jobs.items()):
-        side = res["job"]["side"]
-        if side not in recipes and side not in grid.DEDICATED:
+        side = labels[job_id]
+        if side not in recipes and base_side(side) not in grid.DEDICATED:
             continue
         ranks = grid.RANKS if side in recipes else [res["job"]["rank"]]
         todo = [r for r in ranks if f"{side}|{r}" not in cache]

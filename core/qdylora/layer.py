@@ -1,4 +1,7 @@
-"""The dynamic-rank LoRA layer: h = W0 x + s(b) B[:, :b] A[:b] dropout(x) (per-row rules: Σ_{i≤b} s_i B_i A_i x)."""
+"""The dynamic-rank LoRA layer: h = W0 x + s(b) B[:, :b] A[:b] dropout(x) (per-row rules: Σ_{i≤b} s_i B_i A_i x).
+
+The input dropout is `core.qdylora.dropout.masked_input`: its rescale is applied to A x.
+"""
 from __future__ import annotations
 
 import math
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.qdylora.config import PER_ROW_RULES, lora_scale, row_scales
+from core.qdylora.dropout import masked_input
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -63,7 +67,7 @@ class DynamicRankLoRALinear(nn.Module):
         self.active_rank = r_max
         self.rank_coeff: torch.Tensor | None = None
         self._row_scale_cache: tuple | None = None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = dropout
         device = base.weight.device
         # Adapters stay float32 even over a bf16/NF4 base: they are small and are what learns.
         self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, device=device, dtype=torch.float32))
@@ -107,9 +111,11 @@ class DynamicRankLoRALinear(nn.Module):
         if b == 0:
             return result
         a, bm = self.active_factors()
-        z = F.linear(self.dropout(x.to(a.dtype)), a)
+        h, rescale = masked_input(x.to(a.dtype), self.dropout_p, self.training)
+        z = F.linear(h, a)
         rows = self.row_scale(b)
-        z, scale = (z, self.scale(b)) if rows is None else (z * rows, 1.0)
+        # The dropout's rescale rides on the scale of z (b numbers per token), not on x.
+        z, scale = (z, self.scale(b) * rescale) if rows is None else (z * (rows * rescale), 1.0)
         # Training takes the fused sum (speed); inference PEFT's order (exported adapters match exactly).
         return add_low_rank(result, z, bm, scale, fused=self.training)
 
@@ -119,9 +125,9 @@ class DynamicRankLoRALinear(nn.Module):
         if x.dim() < 2 or x.shape[0] != coeff.shape[0]:
             raise ValueError(f"per-example ranks were set for a batch of {coeff.shape[0]}, got input of shape {tuple(x.shape)}")
         b_max = coeff.shape[-1]
-        h = self.dropout(x.to(self.lora_A.dtype))
+        h, rescale = masked_input(x.to(self.lora_A.dtype), self.dropout_p, self.training)
         z = F.linear(h, self.lora_A[:b_max])
-        return z * coeff.view(coeff.shape[0], *([1] * (z.dim() - 2)), b_max)
+        return z * (coeff * rescale).view(coeff.shape[0], *([1] * (z.dim() - 2)), b_max)
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         """s(b) B[:, :b] A[:b]: what merging adds to W0, in float32."""
@@ -144,4 +150,4 @@ class DynamicRankLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r_max={self.r_max}, alpha={self.alpha}, scale={self.scale_rule}, active_rank={self.active_rank}, "
-                f"update={self.update}")
+                f"update={self.update}, dropout={self.dropout_p}")
