@@ -103,3 +103,16 @@ def test_the_layer_trains_through_the_mask():
     layer.eval()
     layer(x).sum().backward()
     assert not torch.allclose(grad_dropped, layer.lora_A.grad)
+
+
+def test_a_cpu_training_pass_draws_words_not_one_number_per_element():
+    # The point of the module is speed: a regression to nn.Dropout would show as bernoulli_.
+    torch.manual_seed(7)
+    layer = DynamicRankLoRALinear(nn.Linear(64, 32), r_max=4, alpha=8.0, dropout=0.05)
+    layer.train()
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::random_" in ops
+    assert "aten::bernoulli_" not in ops and "aten::native_dropout" not in ops
