@@ -24,8 +24,8 @@ LEGACY_BATCHING = "padded"  # runs saved before packing existed were trained on 
 LEGACY_METHOD = "qdylora"   # runs saved before the method option existed sampled ranks
 # Why the defaults are what they are, in one line for the Train page (numbers: bench/README.md §6).
 RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, ranks 1, 2, 4, … drawn (pow2), lr 3e-3, α 16 — the "
-                   "best one-run recipe on the sample data at 40 steps (3 seeds): NLL within +0.5…+4.5 % of a dedicated QLoRA run "
-                   "on new wordings and +5…+9 % on verbatim recall at ranks 1–16 (uniform draws: up to +10 %; one constant scale: "
+                   "best one-run recipe on the sample data at 40 steps (5 seeds): NLL within +0.0…+3.5 % of a dedicated QLoRA run "
+                   "on new wordings and +3…+8 % on verbatim recall at ranks 1–16 (uniform draws: up to +10 %; one constant scale: "
                    "up to +27 %), answers as good at every rank; SVD truncation and α/i² have lower NLL but weaker answers "
                    "(bench/README.md §6).")
 CONFIG_FILE = "config.json"
