@@ -41,7 +41,7 @@ RECIPE_LR = 3e-3     # the one lr of every one-run recipe in the seed study (a s
 
 
 def studied(res: dict) -> bool:
-    """A finished job of the seed study: dedicated runs at their one lr, recipes at any lr (see side_label)."""
+    """A finished job of the seed study, at any lr: side_label tells the lrs of one side apart."""
     return not res.get("diverged") and "evals" in res
 
 
@@ -49,9 +49,8 @@ def side_label(job: dict, dedicated_lrs: int = 1) -> str:
     """A job's side; `side@lr` for a recipe at another lr than RECIPE_LR (an lr check, e.g. rowinv_pow2@0.005)
     and for a dedicated run whose side and rank were trained at `dedicated_lrs` > 1 learning rates."""
     side = job["side"]
-    if (dedicated_lrs == 1 if side in grid.DEDICATED else math.isclose(job["lr"], RECIPE_LR)):
-        return side
-    return f"{side}@{job['lr']:g}"
+    plain = dedicated_lrs == 1 if side in grid.DEDICATED else math.isclose(job["lr"], RECIPE_LR)
+    return side if plain else f"{side}@{job['lr']:g}"
 
 
 def base_side(label: str) -> str:

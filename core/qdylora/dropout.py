@@ -31,13 +31,12 @@ def realised_rate(p: float) -> float:
     return drop_levels(p) / LEVELS
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean mask of `shape`, each element True (kept) independently with probability 1 − realised_rate(p)."""
     n = math.prod(shape)
     words = -(-n // _LANES_PER_WORD)
     # The full int64 range, so that all four lanes, sign bits included, are uniform.
-    bits = torch.randint(-(1 << 63), (1 << 63) - 1, (words,), dtype=torch.int64, device=device, generator=generator)
+    bits = torch.randint(-(1 << 63), (1 << 63) - 1, (words,), dtype=torch.int64, device=device)
     lanes = bits.view(torch.int16)[:n].view(shape)
     return lanes >= drop_levels(p) - LEVELS // 2   # int16 lanes run from −32768: the lowest drop_levels values drop
 
