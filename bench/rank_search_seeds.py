@@ -15,7 +15,7 @@ are computed on the held-out rest of each set:
   the same prompts for both sides) and one over prompts only (seeds fixed) to tell the two
   sources of noise apart.
 
-    .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40] [--recipes rowinv,rowinv_pow2] [--tag T]
+    .venv/bin/python bench/rank_search_seeds.py [--seeds 42,1,2] [--steps 40] [--recipes rowinv,rowinv_pow2] [--schedules constant,linear] [--tag T]
 
 A recipe trained at another lr than RECIPE_LR in the same seed folders (an lr check) is named
 `recipe@lr`, e.g. `--recipes rowinv_pow2,rowinv_pow2@0.005`.
@@ -53,8 +53,13 @@ def side_label(job: dict, dedicated_lrs: int = 1) -> str:
     return side if plain else f"{side}@{job['lr']:g}"
 
 
+def with_schedule(label: str, schedule: str) -> str:
+    """A side trained with a non-constant lr schedule is labelled `side~schedule` (e.g. qlora~linear)."""
+    return label if schedule == "constant" else f"{label}~{schedule}"
+
+
 def base_side(label: str) -> str:
-    return label.split("@")[0]
+    return label.split("~")[0].split("@")[0]
 
 
 def job_labels(jobs: list[dict]) -> dict[str, str]:
@@ -66,10 +71,10 @@ def job_labels(jobs: list[dict]) -> dict[str, str]:
     return {job["id"]: side_label(job, len(lrs[(job["side"], job["rank"])])) for job in jobs}
 
 
-def held_out_cells(jobs: list[dict], first: int) -> dict:
+def held_out_cells(jobs: list[dict], first: int, schedule: str = "constant") -> dict:
     """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
     cells: dict = {}
-    labels = job_labels(jobs)
+    labels = {k: with_schedule(v, schedule) for k, v in job_labels(jobs).items()}
     for res in jobs:
         if res["job"]["id"] not in labels:
             continue
@@ -78,8 +83,8 @@ def held_out_cells(jobs: list[dict], first: int) -> dict:
             for r, v in by_rank.items():
                 cell = cells.setdefault((side, int(r)), {})
                 cell[set_name] = (np.asarray(v["sums"][first:], float), np.asarray(v["counts"][first:], float))
-                if side == "qlora" and int(r) == 1:     # alpha/sqrt(1) = alpha/1: rsLoRA's rank 1 is the same run
-                    cells.setdefault(("rslora", 1), {})[set_name] = cell[set_name]
+                if side == with_schedule("qlora", schedule) and int(r) == 1:     # alpha/sqrt(1) = alpha/1: rsLoRA's rank 1 is the same run
+                    cells.setdefault((with_schedule("rslora", schedule), 1), {})[set_name] = cell[set_name]
     return cells
 
 
@@ -110,9 +115,14 @@ def pooled_gap(ours: tuple, theirs: tuple, rng: np.random.Generator, n: int = N_
             "per_seed": [float(x) for x in per_seed]}
 
 
-def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = False, rng_seed: int = 0) -> dict:
+def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = False, rng_seed: int = 0,
+            schedules: tuple[str, ...] = ("constant",)) -> dict:
+    """Pooled gaps of `recipes` to the best dedicated side at each rank; with several lr `schedules`, the sides of
+    every schedule compete (labels side~schedule) and the peer is the best over all of them."""
     rng = np.random.default_rng(rng_seed)
-    per_seed = {s: held_out_cells(grid.load_jobs(steps, quick, s), grid.held_out_start(quick)) for s in seeds}
+    per_seed = {s: {k: v for sched in schedules
+                    for k, v in held_out_cells(grid.load_jobs(steps, quick, s, sched), grid.held_out_start(quick), sched).items()}
+                for s in seeds}
     common_keys = set.intersection(*(set(c) for c in per_seed.values()))
     stack = {key: {set_name: tuple(np.stack([per_seed[s][key][set_name][j] for s in seeds]) for j in (0, 1))
                    for set_name in grid.SETS}
@@ -142,20 +152,20 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     return out
 
 
-def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
+def answers_phase(seed: int, steps: int, recipes: list[str], schedule: str = "constant") -> dict:
     """Greedy answers of every side at every rank of RANKS to the first GEN_PROMPTS held-out prompts of each set
-    (one seed: answers are slow on this CPU), cached in that seed's folder; {"side|rank": {set: [ROUGE-L]}}."""
+    (one seed: answers are slow on this CPU), cached in that seed's (and schedule's) folder; {"side|rank": {set: [ROUGE-L]}}."""
     from safetensors.torch import load_file
 
     from core.evaluation.metrics import rouge_l_scores
     from core.qdylora import set_rank
     from core.runs import generate
 
-    folder = grid.root(steps, False, seed)
+    folder = grid.root(steps, False, seed, schedule)
     cache_path = folder / "answers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    all_jobs = grid.load_jobs(steps, False, seed)
-    labels = job_labels(all_jobs)
+    all_jobs = grid.load_jobs(steps, False, seed, schedule)
+    labels = {k: with_schedule(v, schedule) for k, v in job_labels(all_jobs).items()}
     jobs = {j["job"]["id"]: j for j in all_jobs if j["job"]["id"] in labels}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
@@ -177,8 +187,8 @@ def answers_phase(seed: int, steps: int, recipes: list[str]) -> dict:
                                    max_new_tokens=grid.MAX_NEW_TOKENS, batch_size=8)
                 entry[name] = rouge_l_scores(answers, [it.reference for it in its])
             cache[f"{side}|{r}"] = entry
-            if side == "qlora" and r == 1:
-                cache["rslora|1"] = entry     # the same run (rank_search_variants.job_id)
+            if side == with_schedule("qlora", schedule) and r == 1:
+                cache[f"{with_schedule('rslora', schedule)}|1"] = entry     # the same run (rank_search_variants.job_id)
             cache_path.write_text(json.dumps(cache))
             common.log(f"answers seed {seed} {side} rank {r}: " + ", ".join(f"{k} ROUGE-L {np.mean(v):.3f}" for k, v in entry.items()))
     return cache
@@ -255,17 +265,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answers-seeds", "--answers-seed", default=None,
                    help="also generate answers with these seeds' runs, e.g. 42 or 42,1,2 (ROUGE-L against the pooled peer at each rank)")
     p.add_argument("--answers-only", action="store_true", help="generate the answers (cached) and stop")
+    p.add_argument("--schedules", default="constant",
+                   help="lr schedules whose seed studies to combine (rank_search_variants.py --schedule), e.g. constant,linear: "
+                        "a side trained with another than constant is named side~schedule, and each rank's peer is the best over all")
     p.add_argument("--tag", default="", help="write results/rank_search_seeds_<tag>.json (another round beside the main result)")
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     answer_seeds = [int(x) for x in args.answers_seeds.split(",")] if args.answers_seeds else []
     if args.answers_only:
         for seed in answer_seeds:
-            answers_phase(seed, args.steps, recipes)
+            for sched in args.schedules.split(","):
+                answers_phase(seed, args.steps, recipes, sched)
         return
-    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick)
+    schedules = tuple(x for x in args.schedules.split(",") if x)
+    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick, schedules=schedules)
+    res["lr_schedules"] = list(schedules)
     if answer_seeds:
-        caches = {seed: answers_phase(seed, args.steps, recipes) for seed in answer_seeds}
+        caches = {seed: {k: v for sched in schedules for k, v in answers_phase(seed, args.steps, recipes, sched).items()}
+                  for seed in answer_seeds}
         res["rouge_l"] = {"seeds": answer_seeds, "prompts_per_set": grid.GEN_PROMPTS,
                           "gaps": rouge_gaps(caches, {s: v["peer"] for s, v in res["sets"].items()}, recipes, np.random.default_rng(0))}
     name = common.result_name("rank_search_seeds" + ("" if args.quick or args.steps == 40 else f"_{args.steps}"), args.quick, args.tag)

@@ -60,6 +60,9 @@ TODAY = {"recipe": "shipped", "lr": 2e-4}  # the defaults before this benchmark 
 TARGET_GAP = 0.02
 DEFAULT_SEED = 42
 BETWEEN_RANKS = [3, 6, 12]   # measured in a seed study besides RANKS
+# The lr schedule of every side in a grid (`--schedule`). Set once from the command line; a grid trained with
+# another schedule than constant keeps its runs in a folder of its own (root), so schedules never mix in one table.
+LR_SCHEDULE = "constant"
 
 # One-run recipes: TrainConfig fields on top of the shared recipe. Order = priority in the queue.
 RECIPES: dict[str, dict] = {
@@ -91,12 +94,15 @@ SVD_OF = {"svd_qlora": "qlora", "svd_rslora": "rslora"}          # derived side 
 def shared_config(steps: int, quick: bool, seed: int | None = None) -> dict:
     return {"data": str(common.TRAIN_FILE), "quant": "nf4", "batch_size": 4, "max_length": 64 if quick else 192,
             "seed": DEFAULT_SEED if seed is None else seed, "alpha": 16.0, "dropout": 0.05, "steps": steps, "checkpoint_every": steps,
-            "warmup_ratio": 0.03, "lr_schedule": "constant", "max_grad_norm": 0.3}
+            "warmup_ratio": 0.03, "lr_schedule": LR_SCHEDULE, "max_grad_norm": 0.3}
 
 
-def root(steps: int, quick: bool, seed: int | None = None) -> Path:
-    """The grid's folder; a seed study (`--seed`) keeps each seed's runs in a folder of their own."""
-    return common.TMP / ("rank_parity_quick" if quick else "rank_parity") / (f"steps{steps}" + ("" if seed is None else f"_seed{seed}"))
+def root(steps: int, quick: bool, seed: int | None = None, schedule: str | None = None) -> Path:
+    """The grid's folder; a seed study (`--seed`) keeps each seed's runs in a folder of their own, and a
+    schedule other than constant (default: LR_SCHEDULE) too."""
+    schedule = schedule or LR_SCHEDULE
+    return common.TMP / ("rank_parity_quick" if quick else "rank_parity") / (
+        f"steps{steps}" + ("" if seed is None else f"_seed{seed}") + ("" if schedule == "constant" else f"_{schedule}"))
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -387,6 +393,7 @@ def train_phase(args) -> None:
         queue_phase(args)
     cmd = [sys.executable, __file__, "worker", "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     cmd += [] if args.seed is None else ["--seed", str(args.seed)]
+    cmd += ["--schedule", LR_SCHEDULE]
     common.log(f"{len(read_queue(args.steps, args.quick, args.seed))} jobs queued, {args.workers} workers x {args.threads} thread(s)")
     procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     codes = [p.wait() for p in procs]
@@ -410,8 +417,8 @@ def base_phase(args) -> None:
 # ----------------------------------------------------------------------------- final phase
 
 
-def load_jobs(steps: int, quick: bool, seed: int | None = None) -> list[dict]:
-    folder = root(steps, quick, seed) / "jobs"
+def load_jobs(steps: int, quick: bool, seed: int | None = None, schedule: str | None = None) -> list[dict]:
+    folder = root(steps, quick, seed, schedule) / "jobs"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
@@ -757,8 +764,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed study: train/queue/worker/status/seeds in a folder of this seed's own, measured on the whole sets")
     p.add_argument("--seeds", default="42,1,2", help="seeds: the seed studies to combine")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="lr schedule of every side after warm-up (a non-constant grid lives in a folder of its own)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    global LR_SCHEDULE
+    LR_SCHEDULE = args.schedule
     if args.seed is not None and args.phase in ("final", "refine", "report"):
         raise SystemExit(f"--seed is for train/queue/worker/status; the {args.phase} phase reads the lr grid (seed {DEFAULT_SEED})")
     args.sides = [s for s in args.sides.split(",") if s]
