@@ -13,9 +13,11 @@ from core.errors import RunError, UserError
 from core.qdylora.config import QDyLoRAConfig, inference_config
 from core.train_config import TrainConfig, load_run_config
 
+# Not lr_schedule: an unset one follows the refine run's own length (a 200-step parent decays its lr, a
+# 20-step polish of it should not; core.train_config.default_lr_schedule).
 INHERITED = (
     "data", "prompt_col", "response_col", "model", "quant", "device", "alpha", "dropout", "update", "batch_size",
-    "grad_accum", "lr", "lr_schedule", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length", "seed",
+    "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length", "seed",
     "checkpoint_every", "gradient_checkpointing",
 )
 

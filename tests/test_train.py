@@ -119,6 +119,23 @@ def test_lr_schedules():
     assert cosine(100) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_an_unset_lr_schedule_follows_the_run_length_and_is_saved_resolved():
+    from core.train_config import LINEAR_DECAY_FROM_STEPS, TrainConfig
+
+    short, long_ = LINEAR_DECAY_FROM_STEPS - 1, LINEAR_DECAY_FROM_STEPS
+    assert TrainConfig(data="d", out="o", steps=short).lr_schedule == "constant"      # bench/README.md §6.11
+    assert TrainConfig(data="d", out="o", steps=long_).lr_schedule == "linear"
+    assert TrainConfig(data="d", out="o", steps=long_, lr_schedule="constant").lr_schedule == "constant"
+    cfg = TrainConfig(data="d", out="o", steps=long_)
+    assert TrainConfig.from_dict(cfg.to_dict()).lr_schedule == "linear"
+    assert "--lr-schedule" in cfg.cli_args() and cfg.cli_args()[cfg.cli_args().index("--lr-schedule") + 1] == "linear"
+    # a run saved before the rule existed trained at a constant lr, whatever its length
+    old = {k: v for k, v in cfg.to_dict().items() if k != "lr_schedule"}
+    assert TrainConfig.from_dict(old).lr_schedule == "constant"
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainConfig(data="d", out="o", lr_schedule="step")
+
+
 def test_a_crash_mid_run_is_recorded_as_failed_with_the_traceback_in_the_log(tiny_model_dir, small_train_file, tmp_path, monkeypatch):
     from core.train import Trainer
 
@@ -313,6 +330,12 @@ def test_refine_starts_from_exactly_the_parent_rank(tiny_model_dir, small_train_
         config["train"]["lr"] = parent_lr
         (parent / "config.json").write_text(json.dumps(config))
         assert refine_config(parent, 3, steps=2, out=tmp_path / "unused").lr == expected
+    # a long parent's linear decay is not inherited: the polish run's schedule follows its own length
+    config["train"]["lr_schedule"] = "linear"
+    (parent / "config.json").write_text(json.dumps(config))
+    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused").lr_schedule == "constant"
+    assert refine_config(parent, 3, steps=150, out=tmp_path / "unused").lr_schedule == "linear"
+    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused", lr_schedule="cosine").lr_schedule == "cosine"
     ours = load_run(parent)
     set_rank(ours.model, 3)
     from core.models import load_base_model
