@@ -99,7 +99,7 @@ class TrainConfig(ConfigDict):
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule is None and isinstance(self.steps, int) and not isinstance(self.steps, bool):
             self.lr_schedule = default_lr_schedule(self.steps)
-        if self.lr_schedule not in LR_SCHEDULES:
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:   # None: steps is invalid, reported above
             problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")

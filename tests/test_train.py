@@ -134,6 +134,9 @@ def test_an_unset_lr_schedule_follows_the_run_length_and_is_saved_resolved():
     assert TrainConfig.from_dict(old).lr_schedule == "constant"
     with pytest.raises(UserError, match="lr_schedule"):
         TrainConfig(data="d", out="o", lr_schedule="step")
+    with pytest.raises(UserError, match="steps must be a positive integer") as bad_steps:
+        TrainConfig(data="d", out="o", steps="many")
+    assert "lr_schedule" not in str(bad_steps.value)      # one mistake, one message
 
 
 def test_a_crash_mid_run_is_recorded_as_failed_with_the_traceback_in_the_log(tiny_model_dir, small_train_file, tmp_path, monkeypatch):
