@@ -62,19 +62,19 @@ def base_side(label: str) -> str:
     return label.split("~")[0].split("@")[0]
 
 
-def job_labels(jobs: list[dict]) -> dict[str, str]:
-    """{job id: side label} of the studied jobs of one seed folder."""
+def job_labels(jobs: list[dict], schedule: str = "constant") -> dict[str, str]:
+    """{job id: side label} of the studied jobs of one seed folder, trained with lr `schedule`."""
     jobs = [res["job"] for res in jobs if studied(res)]
     lrs: dict = {}
     for job in jobs:
         lrs.setdefault((job["side"], job["rank"]), set()).add(job["lr"])
-    return {job["id"]: side_label(job, len(lrs[(job["side"], job["rank"])])) for job in jobs}
+    return {job["id"]: with_schedule(side_label(job, len(lrs[(job["side"], job["rank"])])), schedule) for job in jobs}
 
 
 def held_out_cells(jobs: list[dict], first: int, schedule: str = "constant") -> dict:
     """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
     cells: dict = {}
-    labels = {k: with_schedule(v, schedule) for k, v in job_labels(jobs).items()}
+    labels = job_labels(jobs, schedule)
     for res in jobs:
         if res["job"]["id"] not in labels:
             continue
@@ -165,7 +165,7 @@ def answers_phase(seed: int, steps: int, recipes: list[str], schedule: str = "co
     cache_path = folder / "answers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     all_jobs = grid.load_jobs(steps, False, seed, schedule)
-    labels = {k: with_schedule(v, schedule) for k, v in job_labels(all_jobs).items()}
+    labels = job_labels(all_jobs, schedule)
     jobs = {j["job"]["id"]: j for j in all_jobs if j["job"]["id"] in labels}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     answer_seeds = [int(x) for x in args.answers_seeds.split(",")] if args.answers_seeds else []
+    schedules = tuple(x for x in args.schedules.split(",") if x)
     if args.answers_only:
         for seed in answer_seeds:
-            for sched in args.schedules.split(","):
+            for sched in schedules:
                 answers_phase(seed, args.steps, recipes, sched)
         return
-    schedules = tuple(x for x in args.schedules.split(",") if x)
     res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick, schedules=schedules)
     res["lr_schedules"] = list(schedules)
     if answer_seeds:

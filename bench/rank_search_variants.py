@@ -50,6 +50,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from core.train_config import LR_SCHEDULES  # noqa: E402
+
 RANKS = [1, 2, 4, 8, 16]
 LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 SETS = {"recall": common.SAMPLE / "eval.jsonl", "reworded": common.SAMPLE / "eval_reworded.jsonl"}
@@ -764,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed study: train/queue/worker/status/seeds in a folder of this seed's own, measured on the whole sets")
     p.add_argument("--seeds", default="42,1,2", help="seeds: the seed studies to combine")
-    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+    p.add_argument("--schedule", default="constant", choices=LR_SCHEDULES,
                    help="lr schedule of every side after warm-up (a non-constant grid lives in a folder of its own)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)

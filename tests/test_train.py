@@ -128,7 +128,8 @@ def test_an_unset_lr_schedule_follows_the_run_length_and_is_saved_resolved():
     assert TrainConfig(data="d", out="o", steps=long_, lr_schedule="constant").lr_schedule == "constant"
     cfg = TrainConfig(data="d", out="o", steps=long_)
     assert TrainConfig.from_dict(cfg.to_dict()).lr_schedule == "linear"
-    assert "--lr-schedule" in cfg.cli_args() and cfg.cli_args()[cfg.cli_args().index("--lr-schedule") + 1] == "linear"
+    args = cfg.cli_args()
+    assert "--lr-schedule" in args and args[args.index("--lr-schedule") + 1] == "linear"
     # a run saved before the rule existed trained at a constant lr, whatever its length
     old = {k: v for k, v in cfg.to_dict().items() if k != "lr_schedule"}
     assert TrainConfig.from_dict(old).lr_schedule == "constant"
