@@ -82,6 +82,10 @@ RECIPES: dict[str, dict] = {
     "rowinv_k4": {"scale": "alpha/i", "rank_sampling": "uniform", "ranks_per_step": 4},
     "rowinv_nodrop": {"scale": "alpha/i", "rank_sampling": "uniform", "dropout": 0.0},   # a recipe may override the shared config
     "rowinv_pow2": {"scale": "alpha/i", "rank_sampling": "pow2"},
+    "rowsqrt_pow2": {"scale": "alpha/sqrt(i)", "rank_sampling": "pow2"},
+    # diagnostics of the rank-16 recall plateau (§6.12): every row every step, and rows 2-16 in every other step
+    "rowinv_list16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [16]},
+    "rowinv_list1_16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [1, 16]},
     "rowinv2": {"scale": "alpha/i^2", "rank_sampling": "uniform"},
     "rowinv_low": {"scale": "alpha/i", "rank_sampling": "low"},
     "rowinv_mom": {"scale": "alpha/i", "rank_sampling": "uniform", "row_steps": "momentum"},
@@ -603,14 +607,14 @@ def final_phase(args) -> None:
         print(f"plot failed: {exc}")
 
 
-def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
+def parent_run_folder(side: str, lr: float, steps: int, quick: bool, seed: int | None = None) -> Path:
     """A run folder (config, adapter, status completed) for a recipe job of the grid, so that the
     library's `refine` can start from it exactly as a user's refine starts from their run."""
     from core import runstate
     from core.models import resolve_model_path
     from core.train import TrainConfig
 
-    folder = root(steps, quick) / "parents" / job_id(side, lr)
+    folder = root(steps, quick, seed) / "parents" / job_id(side, lr)
     if (folder / "status.json").is_file():
         return folder
     if side in SVD_OF:   # the dedicated r_max run, read as the svd method reads it
@@ -618,10 +622,10 @@ def parent_run_folder(side: str, lr: float, steps: int, quick: bool) -> Path:
         recipe, adapter = {"method": "svd", "scale": DEDICATED[src]}, job_id(src, lr, max(RANKS))
     else:
         recipe, adapter = RECIPES[side], job_id(side, lr)
-    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **(shared_config(steps, quick) | recipe))
+    cfg = TrainConfig(out=str(folder), r_max=max(RANKS), lr=lr, **(shared_config(steps, quick, seed) | recipe))
     name, path = resolve_model_path(cfg.model)
     (folder / "adapter").mkdir(parents=True, exist_ok=True)
-    shutil.copy(root(steps, quick) / "adapters" / f"{adapter}.safetensors", folder / "adapter" / "adapter.safetensors")
+    shutil.copy(root(steps, quick, seed) / "adapters" / f"{adapter}.safetensors", folder / "adapter" / "adapter.safetensors")
     runstate.write_json_atomic(folder / "config.json", {
         "train": cfg.to_dict(), "qdylora": cfg.qdylora_config().to_dict(), "adapted_modules": [],
         "model": {"name": name, "path": path, "quant": cfg.quant, "device": "cpu", "compute_dtype": "float32"}})
@@ -640,15 +644,15 @@ def refine_phase(args) -> None:
 
     torch.set_num_threads(args.threads)
     side, parent_lr = args.refine_side, args.refine_parent_lr
-    parent = parent_run_folder(side, parent_lr, args.steps, args.quick)
+    parent = parent_run_folder(side, parent_lr, args.steps, args.quick, args.seed)
     full = held_out_items(args.quick)  # comparable with the final numbers
     checkpoints = sorted(int(x) for x in args.refine_steps.split(","))
-    out_path = root(args.steps, args.quick) / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
+    out_path = root(args.steps, args.quick, args.seed) / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for b in [int(x) for x in args.refine_ranks.split(",")]:
         if str(b) in results:
             continue
-        out = root(args.steps, args.quick) / "runs" / f"refine-{job_id(side, parent_lr)}-r{b}"
+        out = root(args.steps, args.quick, args.seed) / "runs" / f"refine-{job_id(side, parent_lr)}-r{b}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = refine_config(parent, b, steps=max(checkpoints), out=out, lr=args.refine_lr)
         holder, curve = {}, {}
@@ -764,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refine-ranks", default="1,4", help="refine: ranks to polish")
     p.add_argument("--refine-steps", default="5,10,20", help="refine: steps at which to measure (the last is the run's length)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed study: train/queue/worker/status/seeds in a folder of this seed's own, measured on the whole sets")
+                   help="seed study: train/queue/worker/status/refine in a folder of this seed's own, measured on the whole sets")
     p.add_argument("--seeds", default="42,1,2", help="seeds: the seed studies to combine")
     p.add_argument("--schedule", default="constant", choices=LR_SCHEDULES,
                    help="lr schedule of every side after warm-up (a non-constant grid lives in a folder of its own)")
@@ -772,7 +776,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     global LR_SCHEDULE
     LR_SCHEDULE = args.schedule
-    if args.seed is not None and args.phase in ("final", "refine", "report"):
+    if args.seed is not None and args.phase in ("final", "report"):
         raise SystemExit(f"--seed is for train/queue/worker/status; the {args.phase} phase reads the lr grid (seed {DEFAULT_SEED})")
     args.sides = [s for s in args.sides.split(",") if s]
     unknown = [s for s in args.sides if s not in DEDICATED and s not in RECIPES]

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, required=True, help="optimizer steps of the new run")
     f.add_argument("--out", required=True, help="new run folder")
     f.add_argument("--data", default=None, help="training data (default: the run's)")
-    f.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's, at most 1e-3)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's, at most 1e-3, or 3e-4 if its lr decayed)")
     f.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the run's)")
     f.add_argument("--seed", type=int, default=None, help="seed (default: the run's)")
     f.add_argument("--no-progress", action="store_true")

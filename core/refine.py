@@ -11,7 +11,7 @@ from pathlib import Path
 from core import runstate
 from core.errors import RunError, UserError
 from core.qdylora.config import QDyLoRAConfig, inference_config
-from core.train_config import TrainConfig, load_run_config
+from core.train_config import LEGACY_LR_SCHEDULE, TrainConfig, load_run_config
 
 # Not lr_schedule: an unset one follows the refine run's own length (a 200-step parent decays its lr, a
 # 20-step polish of it should not; core.train_config.default_lr_schedule).
@@ -70,14 +70,20 @@ def warm_start_state(parent_dir: str | Path, rank: int, new_cfg: QDyLoRAConfig) 
     return out
 
 
-REFINE_LR = 1e-3   # the default polishing lr, unless the parent trained lower
+REFINE_LR = 1e-3   # the default polishing lr after a constant-lr parent, unless the parent trained lower
+REFINE_LR_AFTER_DECAY = 3e-4   # ... and after a parent whose lr decayed to 0
 
 
 def default_refine_lr(parent_train: dict) -> float:
-    """The lr a polish run takes unless asked: the parent's, at most REFINE_LR."""
+    """The lr a polish run takes unless asked: the parent's, at most REFINE_LR, or at most
+    REFINE_LR_AFTER_DECAY when the parent's lr decayed (a run of LINEAR_DECAY_FROM_STEPS steps or more)."""
     # Polishing at the parent's full lr first undoes the cut; at most REFINE_LR reached a dedicated
-    # run on recall within 10 steps (bench/README.md §6.3).
-    return min(float(parent_train.get("lr", REFINE_LR)), REFINE_LR)
+    # run on recall within 10 steps from a 40-step constant-lr parent (bench/README.md §6.3). A decayed
+    # parent ends at lr 0, and 1e-3 from fresh optimizer moments first made its ranks worse: at 200 steps
+    # 3e-4 was better at every measured polish length (§6.12).
+    decayed = (parent_train.get("lr_schedule") or LEGACY_LR_SCHEDULE) != "constant"
+    cap = REFINE_LR_AFTER_DECAY if decayed else REFINE_LR
+    return min(float(parent_train.get("lr", cap)), cap)
 
 
 def refine_config(run: str | Path, rank: int, steps: int, out: str | Path, **overrides) -> TrainConfig:
