@@ -86,6 +86,7 @@ RECIPES: dict[str, dict] = {
     # diagnostics of the rank-16 recall plateau (§6.12): every row every step, and rows 2-16 in every other step
     "rowinv_list16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [16]},
     "rowinv_list1_16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [1, 16]},
+    "rowinv_pow2_sandwich": {"scale": "alpha/i", "rank_sampling": "pow2", "extra_ranks": "max"},   # ~2x a step: compare at half the steps
     "rowinv2": {"scale": "alpha/i^2", "rank_sampling": "uniform"},
     "rowinv_low": {"scale": "alpha/i", "rank_sampling": "low"},
     "rowinv_mom": {"scale": "alpha/i", "rank_sampling": "uniform", "row_steps": "momentum"},

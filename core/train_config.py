@@ -32,8 +32,8 @@ RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, rank
                    "best one-run recipe on the sample data at 40 steps (5 seeds): NLL within +0.0…+3.5 % of a dedicated QLoRA run "
                    "on new wordings and +3…+8 % on verbatim recall at ranks 1–16 (uniform draws: up to +10 %; one constant scale: "
                    "up to +27 %), answers as good at every rank; SVD truncation and α/i² have lower NLL but weaker answers. "
-                   "From 100 steps on the lr decays linearly to 0: at 200 steps that halves recall NLL "
-                   "(bench/README.md §6).")
+                   "From 100 steps on the lr decays linearly to 0: at 200 steps that halves recall NLL, though recall "
+                   "stays 47–67 % behind a dedicated run there (bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
 RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
