@@ -29,14 +29,7 @@ def cells(steps: int, seed: int, schedule: str) -> dict:
 
 
 def nll(cell: tuple) -> float:
-    return float(cell[0].sum() / cell[1].sum())
-
-
-def best_dedicated(pool: dict, rank: int, set_name: str) -> str | None:
-    """The dedicated side with the lowest held-out NLL at `rank` (any lr), as rank_search_seeds.analyse picks it."""
-    cands = [(nll(by_set[set_name]), side) for (side, r), by_set in pool.items()
-             if r == rank and seeds.base_side(side) in grid.DEDICATED]
-    return min(cands)[1] if cands else None
+    return float(seeds.seed_nll(*cell))
 
 
 def paired(ours: tuple, theirs: tuple, rng: np.random.Generator) -> dict:
@@ -64,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             ours = short[(ours_label, r)][set_name]
             row = {"ours": nll(ours), "default": nll(long[(default_label, r)][set_name]),
                    "vs_default": paired(ours, long[(default_label, r)][set_name], rng)}
-            peer = best_dedicated(long, r, set_name)
+            peer = seeds.best_dedicated(long, r, set_name)
             if peer:
                 row |= {"peer": peer, "peer_nll": nll(long[(peer, r)][set_name]), "vs_peer": paired(ours, long[(peer, r)][set_name], rng)}
             out.setdefault(set_name, {})[r] = row

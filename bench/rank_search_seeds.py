@@ -115,6 +115,15 @@ def pooled_gap(ours: tuple, theirs: tuple, rng: np.random.Generator, n: int = N_
             "per_seed": [float(x) for x in per_seed]}
 
 
+def best_dedicated(cells: dict, rank: int, set_name: str) -> str | None:
+    """The dedicated side with the lowest (seed-mean) held-out NLL at `rank` among `cells` {(side, rank): {set: (sums,
+    counts)}}, sums/counts per prompt or per seed and prompt. A dedicated side trained at several lrs (side@lr) or
+    schedules (side~schedule) offers each: a choice that can only favour the peer."""
+    cands = [(seed_nll(*by_set[set_name]).mean(), side) for (side, r), by_set in cells.items()
+             if r == rank and base_side(side) in grid.DEDICATED]
+    return min(cands)[1] if cands else None
+
+
 def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = False, rng_seed: int = 0,
             schedules: tuple[str, ...] = ("constant",)) -> dict:
     """Pooled gaps of `recipes` to the best dedicated side at each rank; with several lr `schedules`, the sides of
@@ -133,12 +142,9 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     for set_name in grid.SETS:
         peers, gaps, between = {}, {}, {}
         for r in grid.RANKS:
-            # A dedicated side trained at several lrs (side@lr) offers each: the lower held-out NLL is its peer,
-            # a choice that can only favour the peer.
-            cands = [(seed_nll(*stack[(side, rank)][set_name]).mean(), side) for side, rank in stack
-                     if rank == r and base_side(side) in grid.DEDICATED]
-            if cands:
-                peers[r] = min(cands)[1]
+            peer = best_dedicated(stack, r, set_name)
+            if peer:
+                peers[r] = peer
         for recipe in recipes:
             gaps[recipe] = {r: pooled_gap(stack[(recipe, r)][set_name], stack[(peers[r], r)][set_name], rng)
                             for r in grid.RANKS if r in peers and (recipe, r) in stack}

@@ -648,12 +648,13 @@ def refine_phase(args) -> None:
     parent = parent_run_folder(side, parent_lr, args.steps, args.quick, args.seed)
     full = held_out_items(args.quick)  # comparable with the final numbers
     checkpoints = sorted(int(x) for x in args.refine_steps.split(","))
-    out_path = root(args.steps, args.quick, args.seed) / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
+    folder = root(args.steps, args.quick, args.seed)
+    out_path = folder / f"refine_{job_id(side, parent_lr)}_lr{args.refine_lr:g}.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for b in [int(x) for x in args.refine_ranks.split(",")]:
         if str(b) in results:
             continue
-        out = root(args.steps, args.quick, args.seed) / "runs" / f"refine-{job_id(side, parent_lr)}-r{b}"
+        out = folder / "runs" / f"refine-{job_id(side, parent_lr)}-r{b}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = refine_config(parent, b, steps=max(checkpoints), out=out, lr=args.refine_lr)
         holder, curve = {}, {}
@@ -778,7 +779,7 @@ def main(argv: list[str] | None = None) -> None:
     global LR_SCHEDULE
     LR_SCHEDULE = args.schedule
     if args.seed is not None and args.phase in ("final", "report"):
-        raise SystemExit(f"--seed is for train/queue/worker/status; the {args.phase} phase reads the lr grid (seed {DEFAULT_SEED})")
+        raise SystemExit(f"--seed is for train/queue/worker/status/refine; the {args.phase} phase reads the lr grid (seed {DEFAULT_SEED})")
     args.sides = [s for s in args.sides.split(",") if s]
     unknown = [s for s in args.sides if s not in DEDICATED and s not in RECIPES]
     if unknown:

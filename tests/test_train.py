@@ -337,14 +337,14 @@ def test_refine_starts_from_exactly_the_parent_rank(tiny_model_dir, small_train_
     # a long parent's linear decay is not inherited: the polish run's schedule follows its own length
     config["train"]["lr_schedule"] = "linear"
     (parent / "config.json").write_text(json.dumps(config))
+    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused").lr_schedule == "constant"
+    assert refine_config(parent, 3, steps=150, out=tmp_path / "unused").lr_schedule == "linear"
+    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused", lr_schedule="cosine").lr_schedule == "cosine"
     # ... and a parent that ended at lr 0 is polished more gently
     for parent_lr, expected in ((3e-3, 3e-4), (1e-4, 1e-4)):
         config["train"]["lr"] = parent_lr
         (parent / "config.json").write_text(json.dumps(config))
         assert refine_config(parent, 3, steps=2, out=tmp_path / "unused").lr == expected
-    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused").lr_schedule == "constant"
-    assert refine_config(parent, 3, steps=150, out=tmp_path / "unused").lr_schedule == "linear"
-    assert refine_config(parent, 3, steps=20, out=tmp_path / "unused", lr_schedule="cosine").lr_schedule == "cosine"
     ours = load_run(parent)
     set_rank(ours.model, 3)
     from core.models import load_base_model
