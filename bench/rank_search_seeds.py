@@ -62,19 +62,29 @@ def base_side(label: str) -> str:
     return label.split("~")[0].split("@")[0]
 
 
-def job_labels(jobs: list[dict], schedule: str = "constant") -> dict[str, str]:
-    """{job id: side label} of the studied jobs of one seed folder, trained with lr `schedule`."""
-    jobs = [res["job"] for res in jobs if studied(res)]
-    lrs: dict = {}
-    for job in jobs:
-        lrs.setdefault((job["side"], job["rank"]), set()).add(job["lr"])
-    return {job["id"]: with_schedule(side_label(job, len(lrs[(job["side"], job["rank"])])), schedule) for job in jobs}
+def side_lrs(jobs: list[dict], into: dict | None = None) -> dict:
+    """{(side, rank): {lrs}} of the studied jobs (added to `into`: the union over several seed folders)."""
+    lrs = {} if into is None else into
+    for res in jobs:
+        if studied(res):
+            lrs.setdefault((res["job"]["side"], res["job"]["rank"]), set()).add(res["job"]["lr"])
+    return lrs
 
 
-def held_out_cells(jobs: list[dict], first: int, schedule: str = "constant") -> dict:
-    """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job."""
+def job_labels(jobs: list[dict], schedule: str = "constant", lrs: dict | None = None) -> dict[str, str]:
+    """{job id: side label} of the studied jobs of one seed folder, trained with lr `schedule`.
+
+    lrs: {(side, rank): {lrs}} to label by (default: this folder's own). A study over several seeds passes the
+    union over its seeds, so that a dedicated run keeps one label (side@lr) in a seed that trained fewer lrs."""
+    lrs = side_lrs(jobs) if lrs is None else lrs
+    return {res["job"]["id"]: with_schedule(side_label(res["job"], len(lrs[(res["job"]["side"], res["job"]["rank"])])), schedule)
+            for res in jobs if studied(res)}
+
+
+def held_out_cells(jobs: list[dict], first: int, schedule: str = "constant", lrs: dict | None = None) -> dict:
+    """{(side, rank): {set: (sums, counts)}} over the held-out prompts (index >= first) of each job (lrs: job_labels')."""
     cells: dict = {}
-    labels = job_labels(jobs, schedule)
+    labels = job_labels(jobs, schedule, lrs)
     for res in jobs:
         if res["job"]["id"] not in labels:
             continue
@@ -129,8 +139,12 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     """Pooled gaps of `recipes` to the best dedicated side at each rank; with several lr `schedules`, the sides of
     every schedule compete (labels side~schedule) and the peer is the best over all of them."""
     rng = np.random.default_rng(rng_seed)
+    jobs = {(s, sched): grid.load_jobs(steps, quick, s, sched) for s in seeds for sched in schedules}
+    lrs = {sched: {} for sched in schedules}
+    for (s, sched), folder_jobs in jobs.items():
+        side_lrs(folder_jobs, lrs[sched])
     per_seed = {s: {k: v for sched in schedules
-                    for k, v in held_out_cells(grid.load_jobs(steps, quick, s, sched), grid.held_out_start(quick), sched).items()}
+                    for k, v in held_out_cells(jobs[(s, sched)], grid.held_out_start(quick), sched, lrs[sched]).items()}
                 for s in seeds}
     common_keys = set.intersection(*(set(c) for c in per_seed.values()))
     stack = {key: {set_name: tuple(np.stack([per_seed[s][key][set_name][j] for s in seeds]) for j in (0, 1))

@@ -87,6 +87,10 @@ RECIPES: dict[str, dict] = {
     "rowinv_list16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [16]},
     "rowinv_list1_16": {"scale": "alpha/i", "rank_sampling": "list", "rank_list": [1, 16]},
     "rowinv_pow2_sandwich": {"scale": "alpha/i", "rank_sampling": "pow2", "extra_ranks": "max"},   # ~2x a step: compare at half the steps
+    # §6.13: several ranks' objectives summed in one step at one step's cost (each quarter of the batch at its own rank)
+    "rowinv_pow2_k4": {"scale": "alpha/i", "rank_sampling": "pow2", "ranks_per_step": 4},
+    "rowinv_pow2_sandwich_kd": {"scale": "alpha/i", "rank_sampling": "pow2", "extra_ranks": "max", "distill": 0.5},   # ~2x a step
+    "rowinv_pow2_sandwich_min": {"scale": "alpha/i", "rank_sampling": "pow2", "extra_ranks": "min_max"},   # ~2.8x a step: both ends every step
     "rowinv2": {"scale": "alpha/i^2", "rank_sampling": "uniform"},
     "rowinv_low": {"scale": "alpha/i", "rank_sampling": "low"},
     "rowinv_mom": {"scale": "alpha/i", "rank_sampling": "uniform", "row_steps": "momentum"},

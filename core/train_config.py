@@ -33,7 +33,8 @@ RECIPE_EVIDENCE = ("Default: QDyLoRA with each adapter row i at scale α/i, rank
                    "on new wordings and +3…+8 % on verbatim recall at ranks 1–16 (uniform draws: up to +10 %; one constant scale: "
                    "up to +27 %), answers as good at every rank; SVD truncation and α/i² have lower NLL but weaker answers. "
                    "From 100 steps on the lr decays linearly to 0: at 200 steps that halves recall NLL, though recall "
-                   "stays 47–67 % behind a dedicated run there (bench/README.md §6).")
+                   "stays about 50 % behind a dedicated run there (2 seeds; no recipe measured closes that at 1–2.8× a run's cost) "
+                   "(bench/README.md §6).")
 CONFIG_FILE = "config.json"
 # The fields of core.models.ResolvedModel (the config's "model" part), named here to stay torch-free.
 RESOLVED_MODEL_FIELDS = ("name", "path", "quant", "device", "compute_dtype")
