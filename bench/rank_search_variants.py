@@ -775,7 +775,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refine-steps", default="5,10,20", help="refine: steps at which to measure (the last is the run's length)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed study: train/queue/worker/status/refine in a folder of this seed's own, measured on the whole sets")
-    p.add_argument("--seeds", default="42,1,2", help="seeds: the seed studies to combine")
     p.add_argument("--schedule", default="constant", choices=LR_SCHEDULES,
                    help="lr schedule of every side after warm-up (a non-constant grid lives in a folder of its own)")
     p.add_argument("--quick", action="store_true")
