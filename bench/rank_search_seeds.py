@@ -62,9 +62,9 @@ def base_side(label: str) -> str:
     return label.split("~")[0].split("@")[0]
 
 
-def side_lrs(jobs: list[dict], into: dict | None = None) -> dict:
-    """{(side, rank): {lrs}} of the studied jobs (added to `into`: the union over several seed folders)."""
-    lrs = {} if into is None else into
+def side_lrs(jobs: list[dict]) -> dict:
+    """{(side, rank): {lrs}} of the studied jobs."""
+    lrs: dict = {}
     for res in jobs:
         if studied(res):
             lrs.setdefault((res["job"]["side"], res["job"]["rank"]), set()).add(res["job"]["lr"])
@@ -79,6 +79,18 @@ def job_labels(jobs: list[dict], schedule: str = "constant", lrs: dict | None = 
     lrs = side_lrs(jobs) if lrs is None else lrs
     return {res["job"]["id"]: with_schedule(side_label(res["job"], len(lrs[(res["job"]["side"], res["job"]["rank"])])), schedule)
             for res in jobs if studied(res)}
+
+
+def load_study(seeds: list[int], steps: int, quick: bool, schedules: tuple[str, ...]) -> dict:
+    """{(seed, schedule): that seed folder's jobs} of a study."""
+    return {(s, sched): grid.load_jobs(steps, quick, s, sched) for s in seeds for sched in schedules}
+
+
+def study_lrs(jobs: dict) -> dict:
+    """{schedule: {(side, rank): {lrs}}} over every seed of a study ({(seed, schedule): jobs}): what job_labels labels
+    by, so that a side keeps one label in all the study's seeds, the analysis and the answers alike."""
+    return {sched: side_lrs([res for (_, sc), folder in jobs.items() if sc == sched for res in folder])
+            for sched in {sc for _, sc in jobs}}
 
 
 def held_out_cells(jobs: list[dict], first: int, schedule: str = "constant", lrs: dict | None = None) -> dict:
@@ -139,10 +151,8 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     """Pooled gaps of `recipes` to the best dedicated side at each rank; with several lr `schedules`, the sides of
     every schedule compete (labels side~schedule) and the peer is the best over all of them."""
     rng = np.random.default_rng(rng_seed)
-    jobs = {(s, sched): grid.load_jobs(steps, quick, s, sched) for s in seeds for sched in schedules}
-    lrs = {sched: {} for sched in schedules}
-    for (s, sched), folder_jobs in jobs.items():
-        side_lrs(folder_jobs, lrs[sched])
+    jobs = load_study(seeds, steps, quick, schedules)
+    lrs = study_lrs(jobs)
     per_seed = {s: {k: v for sched in schedules
                     for k, v in held_out_cells(jobs[(s, sched)], grid.held_out_start(quick), sched, lrs[sched]).items()}
                 for s in seeds}
@@ -172,7 +182,7 @@ def analyse(seeds: list[int], steps: int, recipes: list[str], quick: bool = Fals
     return out
 
 
-def answers_phase(seed: int, steps: int, recipes: list[str], schedule: str = "constant") -> dict:
+def answers_phase(seed: int, steps: int, recipes: list[str], schedule: str = "constant", lrs: dict | None = None) -> dict:
     """Greedy answers of every side at every rank of RANKS to the first GEN_PROMPTS held-out prompts of each set
     (one seed: answers are slow on this CPU), cached in that seed's (and schedule's) folder; {"side|rank": {set: [ROUGE-L]}}."""
     from safetensors.torch import load_file
@@ -185,7 +195,7 @@ def answers_phase(seed: int, steps: int, recipes: list[str], schedule: str = "co
     cache_path = folder / "answers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     all_jobs = grid.load_jobs(steps, False, seed, schedule)
-    labels = job_labels(all_jobs, schedule)
+    labels = job_labels(all_jobs, schedule, lrs)
     jobs = {j["job"]["id"]: j for j in all_jobs if j["job"]["id"] in labels}
     items = {name: its[:grid.GEN_PROMPTS] for name, its in grid.held_out_items(False).items()}
     bench = grid.AdapterBench(steps, False)
@@ -293,15 +303,18 @@ def main(argv: list[str] | None = None) -> None:
     recipes = [r for r in args.recipes.split(",") if r]
     answer_seeds = [int(x) for x in args.answers_seeds.split(",")] if args.answers_seeds else []
     schedules = tuple(x for x in args.schedules.split(",") if x)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # Answers are labelled as the analysis labels its sides: by the lrs of every seed of the study (full runs, as answers_phase reads).
+    lrs = study_lrs(load_study(sorted(set(seeds) | set(answer_seeds)), args.steps, False, schedules)) if answer_seeds else {}
     if args.answers_only:
         for seed in answer_seeds:
             for sched in schedules:
-                answers_phase(seed, args.steps, recipes, sched)
+                answers_phase(seed, args.steps, recipes, sched, lrs[sched])
         return
-    res = analyse([int(s) for s in args.seeds.split(",")], 2 if args.quick else args.steps, recipes, args.quick, schedules=schedules)
+    res = analyse(seeds, 2 if args.quick else args.steps, recipes, args.quick, schedules=schedules)
     res["lr_schedules"] = list(schedules)
     if answer_seeds:
-        caches = {seed: {k: v for sched in schedules for k, v in answers_phase(seed, args.steps, recipes, sched).items()}
+        caches = {seed: {k: v for sched in schedules for k, v in answers_phase(seed, args.steps, recipes, sched, lrs[sched]).items()}
                   for seed in answer_seeds}
         res["rouge_l"] = {"seeds": answer_seeds, "prompts_per_set": grid.GEN_PROMPTS,
                           "gaps": rouge_gaps(caches, {s: v["peer"] for s, v in res["sets"].items()}, recipes, np.random.default_rng(0))}
