@@ -140,9 +140,12 @@ def read_cpu_times() -> tuple[float, float, float] | None:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds this process (all its threads) used so far."""
+    """CPU seconds this process (all its threads) and its finished children used so far.
+
+    Children count as the job's own work: torch.compile runs the C++ compiler in child processes,
+    and taken for other load they would make the job give its cores away while it compiles."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from core import distributed, runstate, threads
+from core.compiling import compile_decoder_layers, compiler_problem
 from core.errors import RunError, TrainingDiverged, UserError
 from core.eta import MovingRate
 from core.fileio import DamagedFile, fsync_dir, fsync_tree, read_json
@@ -255,6 +256,7 @@ class Trainer:
         # Set once every check passed and the run folder is this run's to write; before
         # that a failure must leave the folder (maybe another run's) untouched.
         self._owns_folder = False
+        self.compiled_layers = 0
         self.dist = distributed.DistContext()  # the one-process run until setup joins a launcher's group
 
     # --- setup ---
@@ -281,6 +283,10 @@ class Trainer:
         data = load_training_data(self.cfg.data, prompt_col=self.cfg.prompt_col, response_col=self.cfg.response_col)
         planned = resolve_model(self.cfg.model_spec())  # an unknown model must fail before a run folder exists
         check_target_modules(planned.path, self.cfg.target_modules)
+        if self.cfg.compile:
+            problem = compiler_problem(pick_device(self.cfg.device))
+            if problem:
+                raise UserError(problem)
         if self.cfg.optimizer == "paged_adamw" and pick_device(self.cfg.device) != "cuda":
             raise UserError("optimizer paged_adamw needs a CUDA GPU (bitsandbytes pages its state between GPU and CPU "
                             "memory); use adamw on CPU")
@@ -336,6 +342,8 @@ class Trainer:
         # Processes must compute alike: each checked the same probe, and one refusal (rounding) decides for all.
         self.fused_loss = not self.dist.any(not fused, self.resolved.device)
         self.packed = not self.dist.any(not packed, self.resolved.device)
+        # After the loss check, which runs once in eval mode: compiling it would cost graphs nothing reuses.
+        self.compiled_layers = compile_decoder_layers(self.model) if self.cfg.compile else 0
         release_freed_memory()  # what loading and quantizing left on the heap
         self.params = adapter_parameters(self.model)
         self.optimizer = make_optimizer(self.cfg, self.params)
@@ -369,7 +377,7 @@ class Trainer:
         """How this process computes the run (none of it changes the results beyond float rounding)."""
         return {"loss": "fused head + cross-entropy on answer tokens" if self.fused_loss else "model loss",
                 "batching": "packed" if self.packed else "padded", "embeddings_16bit": self.narrowed,
-                "threads": threads.describe(), "processes": self.dist.world}
+                "threads": threads.describe(), "processes": self.dist.world, "compiled_layers": self.compiled_layers}
 
     def _choose_loss_path(self) -> tuple[bool, bool]:
         """(fused loss, packed rows): each used only if it gives model(**padded batch).loss on this run's model and data."""

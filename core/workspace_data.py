@@ -466,7 +466,7 @@ def train_form_defaults(preset: str | None = None) -> dict:
     values (the first preset by default) plus the fields that presets leave alone."""
     preset = preset if preset in PRESETS else next(iter(PRESETS))
     return dict(preset=preset, dataset=None, model="default", model_path="", rank_list="1,2,4,8",
-                grad_accum=1, name="run", processes=1, **PRESETS[preset])
+                grad_accum=1, name="run", processes=1, compile=False, **PRESETS[preset])
 
 
 @dataclass
@@ -492,6 +492,7 @@ class TrainForm:
     row_steps: str | None = None    # None: the method's recommended rule
     ranks_per_step: int = 1
     processes: int = 1          # data-parallel training processes (qdylora train --processes)
+    compile: bool = False       # torch.compile the decoder layers (TrainConfig.compile)
 
 
 def train_problems(form: TrainForm) -> list[str]:
@@ -527,6 +528,12 @@ def train_problems(form: TrainForm) -> list[str]:
     except UserError as exc:
         text = str(exc).removeprefix("invalid training config: ")
         problems += [p.strip()[0].upper() + p.strip()[1:] + "." for p in text.split(";") if p.strip()]
+    if form.compile:
+        from core.compiling import cxx_compiler_problem
+
+        missing = cxx_compiler_problem()
+        if missing:
+            problems.append(missing[0].upper() + missing[1:] + ".")
     if form.processes > 1 and form.batch_size % form.processes:
         problems.append(f"Batch size {form.batch_size} does not divide by {form.processes} processes: each process "
                         "takes an equal share of every batch.")
@@ -551,6 +558,8 @@ def train_args(form: TrainForm) -> list[str]:
         args += ["--rank-list", form.rank_list.replace(" ", "")]
     if form.processes > 1:
         args += ["--processes", form.processes]
+    if form.compile:
+        args.append("--compile")
     return [str(a) for a in args]
 
 

@@ -188,17 +188,23 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
     grad_accum = keep("grad_accum", ui.number_field(c[2], "Gradient accumulation", int(values["grad_accum"]),
                                                     limits["grad_accum"], key="f-grad_accum", step=1))
     name = keep("name", c[3].text_input("Run name", value=values["name"], max_chars=60, key="f-name"))
+    c = st.columns(4)
     processes = keep("processes", ui.parallel_choice(
-        st.columns(4)[0], "Training processes", "f-processes", values.get("processes", 1),
+        c[0], "Training processes", "f-processes", values.get("processes", 1),
         help="Data-parallel training through Accelerate: each process takes an equal share of every batch (the batch "
              "size must divide by it) and they train the same adapter as one process would. One process per GPU; "
              "on CPU they share the cores, so expect a small gain (docs/SCALING.md)."))
+    compile_layers = keep("compile", c[1].checkbox(
+        "Compile the model (long runs)", value=bool(values.get("compile", False)), key="f-compile",
+        help="torch.compile fuses the small operations of each layer: on a 2-core CPU steps were ~1.3× faster, after "
+             "about 2 minutes of compiling the first time (less once this machine has compiled it), so it pays "
+             "off from roughly 150 steps and slows a short demo run. Needs a C++ compiler (bench/README.md §4.3)."))
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
                         batch_size=int(batch), lr=float(lr), max_length=int(max_length), grad_accum=int(grad_accum),
                         method=method, scale=scale, row_steps=row_steps, ranks_per_step=int(ranks_per_step),
-                        processes=int(processes))
+                        processes=int(processes), compile=bool(compile_layers))
     problems = wd.train_problems(form)
 
     # -------- estimate before launch
@@ -222,7 +228,9 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
         m[2].metric("Estimated memory", f"{est.memory_mb / 1024:.1f} GB")
         m[3].metric("Adapter parameters at r_max", f"{est.adapter_params / 1e6:.2f} M")
         st.caption(f"An estimate, calibrated on a 2-core CPU with the default model. {ACCURACY_NOTE} "
-                   + " ".join(est.notes))
+                   + " ".join(est.notes)
+                   + (" It is for uncompiled steps: compiling adds its own minutes first and then shortens each step."
+                      if compile_layers else ""))
     for p in problems:
         st.error(p, icon=":material/block:")
     if st.button("Start training", type="primary", disabled=bool(problems), icon=":material/play_arrow:"):

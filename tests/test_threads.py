@@ -52,6 +52,14 @@ class FakeMachine:
                               own=lambda: self.own, actual=lambda: self.torch_threads, cap=cap)
 
 
+def test_a_finished_child_process_counts_as_our_own_cpu_time():
+    # torch.compile's C++ compiler runs as a child: its work must not read as another process's load.
+    before = threads.own_cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
+                   check=True)
+    assert threads.own_cpu_seconds() - before >= 0.35
+
+
 def test_governor_gives_a_core_back_while_another_process_holds_it_and_takes_it_again_after():
     m = FakeMachine()
     gov = m.governor()

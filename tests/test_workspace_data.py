@@ -120,6 +120,18 @@ def test_train_problems_and_args(tmp_path):
         wd.train_args(wd.TrainForm(dataset=None))
 
 
+def test_the_compile_box_reaches_the_command_and_needs_a_compiler(tmp_path, monkeypatch):
+    from core import compiling
+
+    ds = wd.ensure_sample_dataset(tmp_path)
+    assert "--compile" not in wd.train_args(wd.TrainForm(dataset=ds))
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert "--compile" in wd.train_args(wd.TrainForm(dataset=ds, compile=True))
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    assert any("C++ compiler" in p for p in wd.train_problems(wd.TrainForm(dataset=ds, compile=True)))
+    assert wd.train_problems(wd.TrainForm(dataset=ds)) == []
+
+
 def test_sweep_and_export_args(tmp_path):
     from core.evaluation.sweep import default_ranks
 

@@ -87,11 +87,14 @@ class DynamicRankLoRALinear(nn.Module):
         if self.scale_rule not in PER_ROW_RULES:
             return None
         b = self.active_rank if rank is None else rank
-        key = (self.scale_rule, self.alpha, b, self.lora_A.device, self.lora_A.dtype)
+        # Row i's scale does not depend on b, so rank b's scales are the first b of r_max's: one cached
+        # tensor for every rank (and a compiled layer sees one tensor, not a new one per rank).
+        key = (self.scale_rule, self.alpha, self.r_max, self.lora_A.device, self.lora_A.dtype)
         if self._row_scale_cache is None or self._row_scale_cache[0] != key:
-            values = torch.tensor(row_scales(self.alpha, b, self.scale_rule, self.r_max), dtype=self.lora_A.dtype, device=self.lora_A.device)
+            values = torch.tensor(row_scales(self.alpha, self.r_max, self.scale_rule, self.r_max), dtype=self.lora_A.dtype,
+                                  device=self.lora_A.device)
             self._row_scale_cache = (key, values)
-        return self._row_scale_cache[1]
+        return self._row_scale_cache[1][:b]
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:b] and B[:, :b] for the active rank, with rows that must not learn detached."""
