@@ -87,9 +87,9 @@ class TrainConfig(ConfigDict):
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory (non-reentrant)."})
     batching: str = field(default="packed", metadata={"choices": BATCHING, "help": "packed (short examples of a micro-batch share a row, attention kept "
                                                               "within each: same loss, less padding) or padded (one example per row)."})
-    compile: bool = field(default=False, metadata={"help": "Compile the decoder layers with torch.compile: steps ~1.3x faster on CPU, after ~3 min of "
-                                                           "compiling the first time (less once this machine has compiled them), so worth it from "
-                                                           "~185 steps; needs a C++ compiler (bench/README.md §4.3)."})
+    compile: bool = field(default=False, metadata={"help": "Compile the decoder layers with torch.compile: steps ~1.27x faster on CPU, after ~2.5 min of "
+                                                           "compiling the first time (~40 s once this machine has compiled them), so worth it from "
+                                                           "~210 steps (~65 then); needs a C++ compiler (bench/README.md §4.3)."})
 
     def __post_init__(self):
         problems = []

@@ -196,9 +196,9 @@ with st.expander("Start a new training run", expanded=job is None or not job.act
              "on CPU they share the cores, so expect a small gain (docs/SCALING.md)."))
     compile_layers = keep("compile", c[1].checkbox(
         "Compile the model (long runs)", value=bool(values.get("compile", False)), key="f-compile",
-        help="torch.compile fuses the small operations of each layer: on a 2-core CPU steps were ~1.3× faster, after "
-             "about 3 minutes of compiling the first time (less once this machine has compiled it), so it pays "
-             "off from roughly 185 steps and slows a short demo run. Needs a C++ compiler (bench/README.md §4.3)."))
+        help="torch.compile fuses the small operations of each layer: on a 2-core CPU steps were ~1.27× faster, after "
+             "about 2.5 minutes of compiling the first time (~40 s once this machine has compiled it), so it pays "
+             "off from roughly 210 steps (~65 then) and slows a short demo run. Needs a C++ compiler (bench/README.md §4.3)."))
 
     form = wd.TrainForm(dataset=dataset, model=model, quant=quant, r_max=int(r_max), alpha=float(alpha),
                         rank_sampling=sampling, rank_list=rank_list, update=update, steps=int(steps),
