@@ -374,7 +374,8 @@ class Trainer:
         })
 
     def execution(self) -> dict:
-        """How this process computes the run (none of it changes the results beyond float rounding)."""
+        """How this process computes the run (none of it changes the results beyond float rounding, except that
+        compiled layers draw their dropout masks their own way: the same distribution, other draws)."""
         return {"loss": "fused head + cross-entropy on answer tokens" if self.fused_loss else "model loss",
                 "batching": "packed" if self.packed else "padded", "embeddings_16bit": self.narrowed,
                 "threads": threads.describe(), "processes": self.dist.world, "compiled_layers": self.compiled_layers}

@@ -89,7 +89,8 @@ class TrainConfig(ConfigDict):
                                                               "within each: same loss, less padding) or padded (one example per row)."})
     compile: bool = field(default=False, metadata={"help": "Compile the decoder layers with torch.compile: steps ~1.27x faster on CPU, after ~2.5 min of "
                                                            "compiling the first time (~40 s once this machine has compiled them), so worth it from "
-                                                           "~210 steps (~65 then); needs a C++ compiler (bench/README.md §4.3)."})
+                                                           "~210 steps (~65 then); needs a C++ compiler. Dropout masks are drawn another way when compiled, so the run is "
+                                                           "not the uncompiled run's twin, only its equal in distribution (bench/README.md §4.3)."})
 
     def __post_init__(self):
         problems = []
