@@ -223,6 +223,20 @@ def test_train_page_passes_the_chosen_row_steps_and_refuses_them_with_frozen_upd
     assert any("row_steps 'hold'" in e.value for e in at.error), [e.value for e in at.error]
 
 
+def test_train_page_compiles_only_when_asked_and_says_the_estimate_is_for_uncompiled_steps(workspace, monkeypatch):
+    from core import compiling
+
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: "/usr/bin/" + name)   # whether or not this machine has g++
+    at = app("train")
+    assert at.checkbox(key="f-compile").value is False
+    button(at, "Start training").click().run()
+    assert "--compile" not in workspace.submitted[-1]["args"]
+    at.checkbox(key="f-compile").check().run()
+    assert any("uncompiled steps" in c.value for c in at.caption)
+    button(at, "Start training").click().run()
+    assert "--compile" in workspace.submitted[-1]["args"]
+
+
 def test_train_form_keeps_preset_and_typed_values_through_reruns_and_page_switches(workspace):
     """α and the learning rate are never typed here; they must stay the preset's, not
     fall to the widgets' min_value, and typed values must survive leaving the page."""
