@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import roofline  # noqa: E402
 from core.compiling import compile_decoder_layers  # noqa: E402
 from core.qdylora import set_rank  # noqa: E402
+from core.qdylora.inject import adapter_state_dict, load_adapter_state_dict  # noqa: E402
 from core.train import TrainConfig, Trainer  # noqa: E402
 
 RANKS = (16, 1, 2, 4, 8)
@@ -73,14 +74,6 @@ def eval_losses(trainer: Trainer, ranks) -> dict[int, float]:
             out[b] = float(trainer._loss(batch).loss)
     trainer.model.train()
     return out
-
-
-def copy_adapters(source: Trainer, target: Trainer) -> None:
-    src = dict(source.model.named_parameters())
-    with torch.no_grad():
-        for name, param in target.model.named_parameters():
-            if param.requires_grad:
-                param.copy_(src[name])
 
 
 def main() -> None:
@@ -128,7 +121,7 @@ def main() -> None:
             e, c = sum(row["eager"].values()), sum(row["compiled"].values())
             common.log(f"round {r + 1}: a pass over ranks {RANKS}: eager {e:.2f} s, compiled {c:.2f} s (x{e / c:.2f}); "
                        f"matmul {gflops:.0f} GFLOP/s")
-        copy_adapters(eager, compiled)
+        load_adapter_state_dict(compiled.model, adapter_state_dict(eager.model))
         losses = {"eager": eval_losses(eager, (1, 16)), "compiled": eval_losses(compiled, (1, 16))}
     finally:
         for tr in (eager, compiled):
@@ -161,7 +154,8 @@ def main() -> None:
           f"{summary['fraction_of_bound']['compiled']:.1%}; pays for itself after "
           f"{summary['break_even_steps'] or float('inf'):.0f} steps; loss |diff| {summary['loss_diff']}")
     common.write_result(common.result_name(f"compile_step_{args.quant}", args.quick, args.tag), {
-        "config": vars(args), "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default"), "ranks": list(RANKS), "processed_tokens": processed, "bound_tokens_per_s": bound,
+        "config": vars(args), "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default"),
+        "ranks": list(RANKS), "processed_tokens": processed, "bound_tokens_per_s": bound,
         "first_pass_s": {"eager": first_eager, "compiled": first_compiled, "compiled_second": second_compiled},
         "losses": losses, "rounds": rounds, "per_rank": per_rank, "summary": summary}, info)
 

@@ -36,10 +36,10 @@ The step's own products (`--no-products` skips it): one training step per base i
 profiled with its operators' input shapes, and every matrix product it ran (aten::mm,
 addmm, addmm_, bmm) is replayed alone at its own shapes in float32, the same number of
 times: once in rounds where the products take turns (each finds its operands out of
-cache, as in the step) and once back to back (warm caches: the kinder ceiling). Their summed median time is what the
-step would take if everything but its products took no time, so products_only.fraction =
-(tokens / that time) / bound is the highest fraction this machine allows the step at this
-batch, whatever is fused. products_only.with_kept_fraction also keeps the self time of
+cache, as in the step) and once back to back (warm caches: the kinder ceiling). Their
+summed median time is what the step would take if everything but its products took no
+time, so products_only.<mode>.<base>.fraction = (tokens / that time) / bound is the
+highest fraction this machine allows the step at this batch, whatever is fused. products_only.with_kept_fraction also keeps the self time of
 what fusing cannot remove (the 4-bit dequantization, the attention kernels), as profiled.
 
     .venv/bin/python bench/roofline.py [--quick] [--rounds N]
@@ -225,6 +225,9 @@ def main() -> None:
         common.log(f"round {r + 1}: matmul {gf:.1f} GFLOP/s, bound {bound:.0f} tok/s; NF4 {row['nf4_tokens_per_s']:.0f} tok/s "
                    f"({row['nf4_fraction']:.1%}), float32 {row['none_tokens_per_s']:.0f} tok/s ({row['none_fraction']:.1%})")
     summary = {k: common.describe([r[k] for r in rounds]) for k in rounds[0] if k != "loadavg"}
+    print(f"matmul {summary['gflops']['median']:.1f} GFLOP/s (median); bound {summary['bound_tokens_per_s']['median']:.0f} tokens/s; "
+          f"NF4 {summary['nf4_tokens_per_s']['median']:.0f} tokens/s = {summary['nf4_fraction']['median']:.1%} of bound; "
+          f"float32 {summary['none_tokens_per_s']['median']:.0f} tokens/s = {summary['none_fraction']['median']:.1%}")
     products = {}
     if not args.no_products:
         bound = summary["bound_tokens_per_s"]["median"]
@@ -243,6 +246,9 @@ def main() -> None:
                 print(f"{quant}, {mode}: its products alone take {replay['seconds']:.2f} s ({replay['gflops_per_s']:.0f} GFLOP/s), "
                       f"{replay['measured_step_share']:.0%} of the measured step: at most {replay['fraction']:.1%} of the bound; "
                       f"with dequantization and attention ({kept_s:.2f} s) at most {replay['with_kept_fraction']:.1%}")
+    for tr in trainers.values():
+        tr.cleanup()
+        shutil.rmtree(tr.run_dir, ignore_errors=True)
     common.write_result(common.result_name("roofline", args.quick, args.tag), {
         "config": vars(args), "batch_width": width, "processed_tokens": processed, "useful_tokens": useful,
         "execution": {quant: tr.execution() for quant, tr in trainers.items()},

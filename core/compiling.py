@@ -5,9 +5,9 @@ over memory (norms, SiLU·up, rotary, dropout masks, residual adds); torch.compi
 them. Measured on the 2-core CPU with the default model (bench/README.md §4.3,
 `bench/compile_run.py`, 60 steps of a run, eager and compiled side by side): steps 1.27×
 faster, but the first run on a machine spends ~150 s compiling, so it pays off only from
-~210 steps (~40 s and ~65 steps once inductor's on-disk cache holds the graphs). That is why it is
-opt-in, not the default: the 40-step demo would get slower. On CUDA it compiles through
-Triton; not measured here.
+~210 steps (~40 s and ~65 steps once inductor's on-disk cache holds the graphs). That is
+why it is opt-in, not the default: the 40-step demo would get slower. On CUDA it compiles
+through Triton; not measured here.
 
 Only the decoder layers are compiled: the head and loss are core/lm_loss.py's chunked
 loss, and evaluation, export and the dashboard's answers stay eager.
